@@ -1,0 +1,1 @@
+"""perk_fast: PERK made fast and memory-efficient."""
