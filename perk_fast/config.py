@@ -1,0 +1,308 @@
+"""PerkConfig: every knob of PERK in one validated dataclass.
+
+Construction validates each field and raises ``ValueError`` naming the field, the
+bad value and what is allowed. ``PerkConfig.from_reference`` maps the reference
+repository's (YAML) config keys onto these fields.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+INNER_OPTIMIZERS = ("adamw", "sgd")
+UNROLL_MODES = ("full", "truncated", "first_order")
+META_GRADS = ("unrolled", "checkpointed")
+LM_HEAD_LOSSES = ("chunked", "full")
+DEFAULT_TARGETS = {
+    "gpt2": ("c_attn", "c_proj", "c_fc"),
+    "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
+
+
+def _fail(name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"PerkConfig.{name}={value!r} is invalid: allowed {allowed}")
+
+
+@dataclass
+class PerkConfig:
+    """Configuration of the inner (test-time) and outer (meta-training) loops.
+
+    Inner loop: ``inner_steps`` steps of ``inner_optimizer`` at ``inner_lr`` over the
+    context's segments (``segment_len`` tokens at most, ``segments_per_step`` segments
+    of each context per micro-batch; gradients of the micro-batches are summed).
+    ``unroll`` chooses how meta-gradients flow through the inner loop: ``full``
+    (second order through every step), ``truncated`` (first order before
+    ``unroll_start``), ``first_order``. ``meta_grad`` chooses how they are computed:
+    ``checkpointed`` (flat memory, replay) or ``unrolled`` (one big graph).
+
+    Outer loop (``meta_train``): AdamW at ``outer_lr`` with ``outer_weight_decay``,
+    linear warmup over ``warmup_proportion`` of the steps then cosine decay,
+    gradient clipping at ``max_grad_norm``.
+    """
+
+    # inner loop
+    inner_steps: int = 4
+    inner_lr: float = 5e-5
+    inner_optimizer: str = "adamw"
+    inner_betas: tuple[float, float] = (0.9, 0.95)
+    inner_eps: float = 1e-8
+    inner_weight_decay: float = 0.01
+    learn_inner_lr: bool = True
+    unroll: str = "truncated"
+    unroll_start: int = 2
+    meta_grad: str = "unrolled"
+    segment_len: int = 256
+    segments_per_step: int = 16
+    shuffle_docs: bool = True
+    # memory (LoRA)
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_rslora: bool = True
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] | None = None
+    layers: tuple[int, ...] | None = None
+    # token weighting
+    weighted_loss: bool = True
+    weight_hidden: int = 128
+    lm_head_loss: str = "chunked"
+    # outer loop
+    outer_lr: float = 1e-5
+    outer_betas: tuple[float, float] = (0.9, 0.95)
+    outer_eps: float = 1e-8
+    outer_weight_decay: float = 0.01
+    warmup_proportion: float = 0.03
+    max_grad_norm: float = 1.0
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        self.inner_betas = tuple(float(b) for b in self.inner_betas)
+        self.outer_betas = tuple(float(b) for b in self.outer_betas)
+        if self.target_modules is not None:
+            if isinstance(self.target_modules, str):
+                self.target_modules = (self.target_modules,)
+            self.target_modules = tuple(self.target_modules)
+        if self.layers is not None:
+            self.layers = tuple(int(i) for i in self.layers)
+        self._validate()
+
+    def _validate(self) -> None:
+        def pos_int(name: str, minimum: int = 1) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+                _fail(name, v, f"an integer >= {minimum}")
+
+        def real(name: str, lo: float, hi: float = math.inf, lo_open: bool = False, hi_open: bool = False) -> None:
+            v = getattr(self, name)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            if ok:
+                ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+            if not ok:
+                lb = "(" if lo_open else "["
+                rb = ")" if hi_open else "]"
+                _fail(name, v, f"a finite number in {lb}{lo}, {hi}{rb}")
+
+        def choice(name: str, allowed: tuple[str, ...]) -> None:
+            v = getattr(self, name)
+            if v not in allowed:
+                _fail(name, v, "one of " + ", ".join(repr(a) for a in allowed))
+
+        pos_int("inner_steps")
+        real("inner_lr", 0.0, lo_open=True)
+        choice("inner_optimizer", INNER_OPTIMIZERS)
+        for name in ("inner_betas", "outer_betas"):
+            v = getattr(self, name)
+            if len(v) != 2 or not all(0.0 <= b < 1.0 for b in v):
+                _fail(name, v, "two numbers in [0, 1)")
+        real("inner_eps", 0.0, lo_open=True)
+        real("inner_weight_decay", 0.0)
+        choice("unroll", UNROLL_MODES)
+        if isinstance(self.unroll_start, bool) or not isinstance(self.unroll_start, int) or not (
+            0 <= self.unroll_start <= self.inner_steps
+        ):
+            _fail("unroll_start", self.unroll_start, f"an integer in [0, inner_steps={self.inner_steps}]")
+        choice("meta_grad", META_GRADS)
+        pos_int("segment_len", 4)
+        pos_int("segments_per_step")
+        pos_int("lora_rank")
+        real("lora_alpha", 0.0, lo_open=True)
+        real("lora_dropout", 0.0, 1.0, hi_open=True)
+        if self.target_modules is not None and (
+            len(self.target_modules) == 0 or not all(isinstance(t, str) and t for t in self.target_modules)
+        ):
+            _fail("target_modules", self.target_modules, "None or a non-empty list of module names")
+        if self.layers is not None and (len(self.layers) == 0 or min(self.layers) < 0):
+            _fail("layers", self.layers, "None or a non-empty list of layer indices >= 0")
+        pos_int("weight_hidden")
+        choice("lm_head_loss", LM_HEAD_LOSSES)
+        real("outer_lr", 0.0)
+        real("outer_eps", 0.0, lo_open=True)
+        real("outer_weight_decay", 0.0)
+        real("warmup_proportion", 0.0, 1.0)
+        real("max_grad_norm", 0.0, lo_open=True)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            _fail("seed", self.seed, "an integer")
+
+    @property
+    def lora_scale(self) -> float:
+        """LoRA scale: alpha / sqrt(r) with rsLoRA, alpha / r otherwise."""
+        return self.lora_alpha / (math.sqrt(self.lora_rank) if self.lora_rslora else self.lora_rank)
+
+    def second_order_step(self, step: int) -> bool:
+        """Whether inner step ``step`` (0-based) is differentiated to second order."""
+        if self.unroll == "full":
+            return True
+        if self.unroll == "first_order":
+            return False
+        return step >= self.unroll_start
+
+    def replace(self, **changes: Any) -> "PerkConfig":
+        """A validated copy with ``changes`` applied."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form (JSON-serialisable)."""
+        d = dataclasses.asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "PerkConfig":
+        """Inverse of :meth:`to_dict`; unknown keys raise ValueError."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown PerkConfig fields {unknown}; allowed: {sorted(names)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+    @classmethod
+    def from_reference(cls, source: Mapping[str, Any] | str | os.PathLike, **overrides: Any) -> "PerkConfig":
+        """Build a PerkConfig from the reference repository's config keys.
+
+        ``source`` is a dict or the path of a YAML file (Hydra ``# @package`` lines are
+        fine). Mapped keys are listed in ``REFERENCE_KEYS``; keys that are known but
+        have no effect here (logging, paths, hardware) are ignored silently; any other
+        key is reported with a warning naming it. ``overrides`` win over the file.
+        """
+        if isinstance(source, (str, os.PathLike)):
+            import yaml
+
+            with open(source) as fh:
+                data = yaml.safe_load(fh) or {}
+            if not isinstance(data, Mapping):
+                raise ValueError(f"{source}: expected a mapping of config keys, got {type(data).__name__}")
+        elif isinstance(source, Mapping):
+            data = source
+        else:
+            raise TypeError(f"from_reference expects a dict or a YAML path, got {type(source).__name__}")
+        kwargs: dict[str, Any] = {}
+        unknown = []
+        for key, value in data.items():
+            if key in REFERENCE_KEYS:
+                REFERENCE_KEYS[key](kwargs, value)
+            elif key not in REFERENCE_IGNORED:
+                unknown.append(key)
+        # reference semantics: first_order wins over inner_funct
+        if kwargs.pop("_first_order", False):
+            kwargs["unroll"] = "first_order"
+        if unknown:
+            warnings.warn(f"PerkConfig.from_reference: unknown reference keys ignored: {sorted(unknown)}", stacklevel=2)
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
+def _set(field_name: str, convert=lambda v: v):
+    def apply(kwargs: dict[str, Any], value: Any) -> None:
+        kwargs[field_name] = convert(value)
+
+    return apply
+
+
+def _inner_opt(kwargs: dict[str, Any], value: Any) -> None:
+    mapping = {"adam": "adamw", "adamw": "adamw", "sgd": "sgd"}
+    if str(value).lower() not in mapping:
+        raise ValueError(f"reference key inner_opt={value!r} is invalid: allowed 'adam', 'adamw', 'sgd'")
+    kwargs["inner_optimizer"] = mapping[str(value).lower()]
+
+
+def _inner_funct(kwargs: dict[str, Any], value: Any) -> None:
+    mapping = {"default": "full", "full": "full", "truncated": "truncated"}
+    if str(value).lower() not in mapping:
+        raise ValueError(f"reference key inner_funct={value!r} is invalid: allowed 'default', 'truncated'")
+    kwargs["unroll"] = mapping[str(value).lower()]
+
+
+def _first_order(kwargs: dict[str, Any], value: Any) -> None:
+    kwargs["_first_order"] = bool(value)
+
+
+def _non_linearity(kwargs: dict[str, Any], value: Any) -> None:
+    if str(value).lower() != "softplus":
+        raise ValueError(
+            f"reference key weight_non_linearity={value!r} is not supported: perk_fast implements 'softplus' (beta=3)"
+        )
+
+
+def _float(v: Any) -> float:
+    return float(v)
+
+
+def _inner_grad_accum(kwargs: dict[str, Any], value: Any) -> None:
+    # The reference splits a context's segments into `inner_grad_accum` chunks. Our
+    # micro-batches are sized in segments instead; 1 chunk = all segments at once,
+    # which segments_per_step's default already bounds. Values > 1 only lower memory,
+    # never the result (we sum exact per-context means), so nothing to map.
+    if int(value) < 1:
+        raise ValueError(f"reference key inner_grad_accum={value!r} is invalid: allowed an integer >= 1")
+
+
+
+def _weight_normalize(kwargs: dict[str, Any], value: Any) -> None:
+    if bool(value):
+        raise ValueError("reference key weight_normalize=True is not supported: perk_fast implements the default False")
+
+
+# reference key -> how it sets PerkConfig fields (documented in README's table)
+REFERENCE_KEYS = {
+    "n_inner_iter": _set("inner_steps", int),
+    "inner_lr": _set("inner_lr", _float),
+    "dyna_lr": _set("learn_inner_lr", bool),
+    "inner_opt": _inner_opt,
+    "inner_funct": _inner_funct,
+    "unroll_start": _set("unroll_start", int),
+    "first_order": _first_order,
+    "lora_rank": _set("lora_rank", int),
+    "lora_r": _set("lora_rank", int),
+    "lora_alpha": _set("lora_alpha", _float),
+    "lora_dropout": _set("lora_dropout", _float),
+    "weighted_loss": _set("weighted_loss", bool),
+    "weight_non_linearity": _non_linearity,
+    "inner_grad_accum": _inner_grad_accum,
+    "weight_normalize": _weight_normalize,
+    "learning_rate": _set("outer_lr", _float),
+    "weight_decay": _set("outer_weight_decay", _float),
+    "adam_epsilon": _set("outer_eps", _float),
+    "warmup_proportion": _set("warmup_proportion", _float),
+    "max_grad_norm": _set("max_grad_norm", _float),
+    "seed": _set("seed", int),
+}
+
+
+
+# keys of the reference that describe logging, paths, hardware or its trainer; no effect here
+REFERENCE_IGNORED = frozenset(
+    {
+        "model_name_or_path", "data_dir", "output_dir", "checkpoint", "load_checkpoint",
+        "resume_from_checkpoint", "do_train", "do_eval", "wandb_name", "wandb_project", "wandb_entity",
+        "wandb_api_key", "peft_lora", "bf16", "attn_implementation", "train_batch_size", "eval_batch_size",
+        "num_train_epochs", "patience", "callback_monitor", "val_check_interval", "use_liger_kernel", "n_gpu",
+        "gradient_accumulation_steps", "dataset_name", "dataset_subset", "packing", "max_eval_data",
+        "num_workers", "weight_fuse", "weight_q_pool", "defaults",
+    }
+)

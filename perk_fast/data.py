@@ -1,0 +1,203 @@
+"""From text to tensors: context segments, question prompts, micro-batches.
+
+A context (a string, or a list of documents) becomes segments
+``"doc_{i}:" + " " + text + EOS`` of at most ``segment_len`` tokens. The ``doc_{i}:``
+prefix is label-masked (-100); a document longer than a segment is split and every
+piece repeats its prefix. In training the doc ids are a random permutation (the
+documents keep their order, their labels are shuffled), as in the reference.
+
+The question row is ``"You have memorized {N} documents.\\n{question}\\nAnswer:"``
+followed by ``" " + target + EOS`` where the target is the answer, or
+``<support>{support}</support>\\n<output>{answer}</output>`` when support facts are
+given; only the target tokens carry labels.
+
+Every row is right-padded. The model is causal, so a real token never attends to a
+pad that follows it: padding changes no result, and no attention mask is needed.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+IGNORE = -100
+
+
+def _token_ids(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def eos_id(tokenizer: Any) -> int:
+    """The tokenizer's end-of-sequence id (required)."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} has no eos_token_id; PERK segments end with EOS")
+    return int(eos)
+
+
+def pad_id(tokenizer: Any) -> int:
+    """Padding id: the tokenizer's pad token, else EOS (pads never reach a loss)."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return int(pad) if pad is not None else eos_id(tokenizer)
+
+
+def as_documents(context: Any, where: str = "context") -> list[str]:
+    """Normalise a context to a non-empty list of non-empty documents."""
+    if isinstance(context, str):
+        docs = [context]
+    elif isinstance(context, Sequence) and not isinstance(context, (bytes, bytearray)):
+        docs = list(context)
+    else:
+        raise TypeError(f"{where} must be a string or a list of strings, got {type(context).__name__}")
+    if not docs:
+        raise ValueError(f"{where} is empty: a context needs at least one document")
+    for i, doc in enumerate(docs):
+        if not isinstance(doc, str):
+            raise TypeError(f"{where}[{i}] must be a string, got {type(doc).__name__}")
+        if not doc.strip():
+            raise ValueError(f"{where}[{i}] is an empty document")
+    return docs
+
+
+@dataclass
+class ContextSegments:
+    """One context, tokenised: its segments and its loss normaliser."""
+
+    segments: list[tuple[list[int], list[int]]]  # (input ids, labels) per segment
+    n_docs: int
+
+    @property
+    def n_positions(self) -> int:
+        """Positions of the context packed into one row, shifted: sum(len) - 1.
+
+        The inner loss of a context is its weighted CE sum divided by this count,
+        the reference's "mean over all positions" of its packed row, independent of
+        padding, batching and micro-batching.
+        """
+        return max(sum(len(ids) for ids, _ in self.segments) - 1, 1)
+
+
+def build_segments(
+    tokenizer: Any, context: Any, segment_len: int, rng: random.Random | None = None, where: str = "context"
+) -> ContextSegments:
+    """Tokenise a context into label-masked ``doc_i:`` segments of <= ``segment_len`` tokens.
+
+    ``rng`` given: doc ids are a random permutation (training); else 0..N-1.
+    """
+    docs = as_documents(context, where)
+    eos = eos_id(tokenizer)
+    doc_ids = list(range(len(docs)))
+    if rng is not None:
+        rng.shuffle(doc_ids)
+    segments = []
+    for doc_id, text in zip(doc_ids, docs):
+        prefix = _token_ids(tokenizer, f"doc_{doc_id}:")
+        body = _token_ids(tokenizer, " " + text) + [eos]
+        room = segment_len - len(prefix)
+        if room < 1:
+            raise ValueError(
+                f"segment_len={segment_len} leaves no room after the {len(prefix)}-token prefix 'doc_{doc_id}:'"
+            )
+        for start in range(0, len(body), room):
+            piece = body[start : start + room]
+            segments.append((prefix + piece, [IGNORE] * len(prefix) + piece))
+    return ContextSegments(segments, len(docs))
+
+
+def query_prompt(question: str, n_docs: int) -> str:
+    """The reference's question prompt."""
+    return f"You have memorized {n_docs} documents.\n{question}\nAnswer:"
+
+
+def query_target(answer: str, support: Any = None) -> str:
+    """The reference's target: the answer, or support + output tags."""
+    if support is None or (not isinstance(support, str) and len(support) == 0) or support == "":
+        return answer
+    if not isinstance(support, str):
+        support = " ".join(str(s) for s in support)
+    return f"<support>{support}</support>\n<output>{answer}</output>"
+
+
+def check_text(value: Any, where: str) -> str:
+    """A non-empty string, else a clear error naming ``where``."""
+    if not isinstance(value, str):
+        raise TypeError(f"{where} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"{where} is empty")
+    return value
+
+
+def build_query(tokenizer: Any, question: str, answer: str, support: Any, n_docs: int) -> tuple[list[int], list[int]]:
+    """(input ids, labels) of a question row; labels only on the target + EOS."""
+    prompt = _token_ids(tokenizer, query_prompt(question, n_docs))
+    target = _token_ids(tokenizer, " " + query_target(answer, support)) + [eos_id(tokenizer)]
+    return prompt + target, [IGNORE] * len(prompt) + target
+
+
+@dataclass
+class MicroBatch:
+    """Rows of segments for one inner forward, grouped context-major.
+
+    ``contexts`` are the indices (into the batch of contexts) of the contexts that
+    have rows here, ``rows_per_context`` rows each; ``row_scale`` (rows,) is
+    1 / n_positions of each row's context (the per-context mean normaliser).
+    """
+
+    input_ids: torch.Tensor  # (rows, L)
+    labels: torch.Tensor  # (rows, L)
+    contexts: torch.Tensor  # (C_active,)
+    rows_per_context: int
+    row_scale: torch.Tensor  # (rows,) float64
+    index: int  # position of this micro-batch in the step (seeds dropout)
+
+    @property
+    def n_real_tokens(self) -> int:
+        return int((self.labels != IGNORE).sum())
+
+
+def pad_rows(rows: list[list[int]], value: int) -> torch.Tensor:
+    """Right-pad lists of ids to one (n, L) LongTensor."""
+    length = max(len(r) for r in rows)
+    out = torch.full((len(rows), length), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
+def make_micro_batches(
+    contexts: list[ContextSegments], segments_per_step: int, pad: int, device: torch.device | str | None = None
+) -> list[MicroBatch]:
+    """Split the segments of every context into micro-batches.
+
+    Micro-batch c holds segments ``[c*k, (c+1)*k)`` of each context that still has
+    some (k = ``segments_per_step``); contexts with fewer get one-token pad rows
+    (label -100, so they add nothing) to give every active context the same row
+    count. A context's partition does not depend on the other contexts, so a
+    context encoded alone or in a batch sums the same gradients.
+    """
+    k = segments_per_step
+    n_chunks = max((len(c.segments) + k - 1) // k for c in contexts)
+    batches = []
+    for chunk in range(n_chunks):
+        parts = {ci: ctx.segments[chunk * k : (chunk + 1) * k] for ci, ctx in enumerate(contexts)}
+        active = [ci for ci, part in parts.items() if part]
+        per_ctx = max(len(parts[ci]) for ci in active)
+        ids, labels, scale = [], [], []
+        for ci in active:
+            part = parts[ci] + [([pad], [IGNORE])] * (per_ctx - len(parts[ci]))
+            ids += [seg_ids for seg_ids, _ in part]
+            labels += [seg_labels for _, seg_labels in part]
+            scale += [1.0 / contexts[ci].n_positions] * per_ctx
+        batches.append(
+            MicroBatch(
+                input_ids=pad_rows(ids, pad).to(device),
+                labels=pad_rows(labels, IGNORE).to(device),
+                contexts=torch.tensor(active, dtype=torch.long, device=device),
+                rows_per_context=per_ctx,
+                row_scale=torch.tensor(scale, dtype=torch.float64, device=device),
+                index=chunk,
+            )
+        )
+    return batches
