@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 INNER_OPTIMIZERS = ("adamw", "sgd")
 UNROLL_MODES = ("full", "truncated", "first_order")
-META_GRADS = ("unrolled", "checkpointed")
+META_GRADS = ("checkpointed", "unrolled")
 LM_HEAD_LOSSES = ("chunked", "full")
 DEFAULT_TARGETS = {
     "gpt2": ("c_attn", "c_proj", "c_fc"),
@@ -55,7 +55,7 @@ class PerkConfig:
     learn_inner_lr: bool = True
     unroll: str = "truncated"
     unroll_start: int = 2
-    meta_grad: str = "unrolled"
+    meta_grad: str = "checkpointed"
     segment_len: int = 256
     segments_per_step: int = 16
     shuffle_docs: bool = True

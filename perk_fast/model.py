@@ -33,6 +33,7 @@ from .data import (
 from .inner import run_inner_loop
 from .lora import ActiveAdapters, AdapterSlot, init_lora_tensors, inject_lora
 from .loss import WeightingModel, lm_head_loss_sum
+from .metagrad import checkpointed_inner_loop
 
 _FORMAT_VERSION = 1
 
@@ -321,12 +322,9 @@ class PerkModel(nn.Module):
     def adapt(self, segments, *, seed: int | None) -> list[torch.Tensor]:
         """Adapted adapters [A_0, B_0, ...] of the contexts, differentiable w.r.t. the meta-parameters."""
         micro = make_micro_batches(segments, self.config.segments_per_step, pad_id(self.tokenizer), self.device)
-        params = self.initial_adapters(len(segments))
         if self.config.meta_grad == "checkpointed":
-            from .metagrad import checkpointed_inner_loop
-
-            return checkpointed_inner_loop(self, params, micro, seed=seed)
-        return run_inner_loop(self, params, micro, differentiable=True, seed=seed)
+            return checkpointed_inner_loop(self, micro, len(segments), seed=seed)
+        return run_inner_loop(self, self.initial_adapters(len(segments)), micro, differentiable=True, seed=seed)
 
     def meta_loss(self, contexts, questions, answers, supports=None, *, seed: int | None = None) -> torch.Tensor:
         """Outer loss of a batch of B contexts, differentiable w.r.t. ``meta_parameters()``.
