@@ -38,8 +38,10 @@ class _Row:
     def __init__(self, path: str, where: str) -> None:
         self.path, self.where = path, where
 
-    def error(self, field: str, problem: str) -> ValueError:
-        return ValueError(f"{self.path}: {self.where}: field {field!r}: {problem}")
+    def error(self, field: str | None, problem: str) -> ValueError:
+        """A ValueError naming the file, the row and the field (None: the row as a whole)."""
+        label = "<row>" if field is None else repr(field)
+        return ValueError(f"{self.path}: {self.where}: field {label}: {problem}")
 
 
 def _iter_rows(path: str) -> Iterator[tuple[_Row, Any]]:
@@ -53,7 +55,7 @@ def _iter_rows(path: str) -> Iterator[tuple[_Row, Any]]:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             if ext == ".json":
-                raise ValueError(f"{path}: line {err.lineno}: field None: invalid JSON ({err.msg})") from err
+                raise ValueError(f"{path}: line {err.lineno}: field <row>: invalid JSON ({err.msg})") from err
             as_jsonl = True
         else:
             if isinstance(data, list):
@@ -68,7 +70,7 @@ def _iter_rows(path: str) -> Iterator[tuple[_Row, Any]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: line {lineno}: field None: invalid JSON ({err.msg})") from err
+            raise ValueError(f"{path}: line {lineno}: field <row>: invalid JSON ({err.msg})") from err
         yield _Row(path, f"line {lineno}"), row
 
 
@@ -219,12 +221,12 @@ def read_examples(path: str | os.PathLike, format: str | None = None, *,
     out: list[Example] = []
     for loc, row in _iter_rows(path):
         if not isinstance(row, dict):
-            raise loc.error("None", f"{type(row).__name__} is invalid; allowed: a JSON object")
+            raise loc.error(None, f"{type(row).__name__} is invalid; allowed: a JSON object")
         if format is None:
             try:
                 fmt = detect_format(row)
             except ValueError as err:
-                raise loc.error("None", str(err)) from None
+                raise loc.error(None, str(err)) from None
         else:
             fmt = format
         if fmt == "babilong":
