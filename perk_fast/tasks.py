@@ -16,7 +16,9 @@ Shared parameters:
 
 * ``context_tokens`` -- target size of the whole context, counted with ``count_tokens``
   (default ``byte_length``, which equals the length of ``ByteTokenizer.encode``). A context lands
-  within half a filler unit of the target: a few tokens for text, half a record line for records.
+  within about half a filler unit of the target (~20 tokens for text, ~65 for records), less one
+  separator per document. pre/mid/post need the relevant units to fit in a third: the stories
+  take ~150-350 tokens, so use ``context_tokens`` >= 1024 (or fewer ``n_distractors``).
 * ``position`` -- where the relevant units (needle, story facts, asked-about records) lie:
   "pre" / "mid" / "post" put all of them inside the first / middle / last third of the context's
   tokens; "random" anywhere. ``meta["depth"]`` is the token fraction before the first of them.
