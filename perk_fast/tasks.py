@@ -292,7 +292,7 @@ def _filler_sentence(rng: random.Random) -> str:
 
 
 # ----------------------------------------------------------------------------- needle
-def needle(n: int, *, seed=0, context_tokens: int = 512, position: str = "random",
+def needle(n: int, *, seed=0, context_tokens: int = 1024, position: str = "random",
            doc_tokens: int = 256, count_tokens: CountTokens = byte_length,
            n_distractors: int = 0, value_digits: int = 4,
            with_support: bool = False) -> list[Example]:
@@ -542,7 +542,7 @@ def _group_room(context_tokens: int, position: str, count_tokens: CountTokens) -
     return context_tokens / 3 - 1.5 * count_tokens(render_record(_LONGEST_RECORD) + "\n")
 
 
-def records_recall(n: int, *, seed=0, context_tokens: int = 2048, position: str = "random",
+def records_recall(n: int, *, seed=0, context_tokens: int = 1024, position: str = "random",
                    doc_tokens: int = 512, count_tokens: CountTokens = byte_length,
                    fields: Sequence[str] | None = None, id_digits: int = 4,
                    with_support: bool = False) -> list[Example]:
@@ -591,7 +591,7 @@ def _relation_pair(rng: random.Random, kind: str, want: bool, ids: set,
     return a, b
 
 
-def records_relation(n: int, *, seed=0, context_tokens: int = 2048, position: str = "random",
+def records_relation(n: int, *, seed=0, context_tokens: int = 1024, position: str = "random",
                      doc_tokens: int = 512, count_tokens: CountTokens = byte_length,
                      relations: Sequence[str] | None = None, id_digits: int = 4,
                      with_support: bool = False) -> list[Example]:
@@ -621,7 +621,7 @@ def records_relation(n: int, *, seed=0, context_tokens: int = 2048, position: st
     return out
 
 
-def records_aggregate(n: int, *, seed=0, context_tokens: int = 2048, position: str = "random",
+def records_aggregate(n: int, *, seed=0, context_tokens: int = 1024, position: str = "random",
                       doc_tokens: int = 512, count_tokens: CountTokens = byte_length,
                       kinds: Sequence[str] | None = None, max_group: int = 4,
                       id_digits: int = 4, with_support: bool = False) -> list[Example]:
