@@ -185,8 +185,9 @@ def linear_ce_forward(
     n, d = hidden.shape
     vocab = weight.shape[0]
     acc = acc_dtype(hidden.dtype)
-    lse = hidden.new_empty(n, dtype=acc)
-    ce = hidden.new_empty(n, dtype=acc)
+    # per-row results start as NaN so a row a kernel failed to write cannot pass for a value
+    lse = hidden.new_full((n,), float("nan"), dtype=acc)
+    ce = hidden.new_full((n,), float("nan"), dtype=acc)
     grad_ce = hidden.new_empty(n, d) if compute_grad else None
     labels = labels.contiguous()
     logits = hidden.new_empty(min(chunk_size, n), vocab)
@@ -218,7 +219,7 @@ def linear_ce_double_backward(
     vocab = weight.shape[0]
     has_adj = adj_hidden is not None
     hbar = hidden.new_empty(n, d)
-    t = lse.new_empty(n) if has_adj else None
+    t = lse.new_full((n,), float("nan")) if has_adj else None
     labels = labels.contiguous()
     rows = min(chunk_size, n)
     logits = hidden.new_empty(rows, vocab)
@@ -280,7 +281,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         )
         ctx.save_for_backward(hidden, token_weights, weight, labels, lse, ce, grad_ce)
         ctx.cfg = cfg
-        return ce if token_weights is None else ce * token_weights
+        # a copy, not the saved ce itself: in-place edits of the returned loss must not corrupt it
+        return ce.clone() if token_weights is None else ce * token_weights
 
     @staticmethod
     def backward(ctx, grad_loss):

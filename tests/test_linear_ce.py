@@ -141,6 +141,22 @@ def test_custom_ignore_index_and_int32_labels():
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    gen = torch.Generator().manual_seed(8)
+    hidden = torch.randn(13, 2 * 9, generator=gen)[:, ::2].requires_grad_()  # stride (18, 2)
+    weight = torch.randn(31, 2 * 9, generator=gen)[:, 1::2]
+    labels = torch.randint(0, 31, (26,), generator=gen)[::2]
+    with use_backend(backend):
+        got = linear_cross_entropy(hidden, weight, labels, reduction="sum", chunk_size=4)
+        (dh,) = torch.autograd.grad(got, hidden)
+    h64 = hidden.detach().double().requires_grad_()
+    want = linear_cross_entropy_full(h64, weight.double(), labels, reduction="sum")
+    (dh_want,) = torch.autograd.grad(want, h64)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dh.double(), dh_want, rtol=1e-5, atol=1e-5)
+
+
 def test_bf16_twin_returns_fp32_loss():
     case = _make_case(31, 24, 67, 8, "some", True, "mean", seed=3)
     h, w = case["hidden"].bfloat16(), case["weight"].bfloat16()
