@@ -23,9 +23,10 @@ Design limits
 * Output tiles never straddle two contexts, so contexts with very few tokens under-fill tiles.
 * Dtypes: x, lora_x and W share one dtype (fp16, bf16, fp32; fp64 for tests); adapters have x's
   dtype, or fp32 when x is 16-bit. Accumulation is fp32 (fp64 for fp64 inputs).
-  ``precision`` decides how the low-rank operands are multiplied (see :func:`lora_linear`);
-  for 16-bit inputs the default rounds them to tf32, whose 10-bit mantissa is at least that of
-  the 16-bit output, on which the result is rounded anyway.
+  ``precision`` decides how the low-rank operands are multiplied (table in :func:`lora_linear`):
+  for bf16 inputs the default keeps the projections that feed the adapter gradients near fp32
+  (hi/lo split into two bf16 dots) and rounds the fused low-rank operands to tf32, whose 10-bit
+  mantissa is at least that of the 16-bit output on which the result is rounded anyway.
 * dA and dB reduce over all tokens of a context; they run as ``torch.bmm`` in the adapter dtype
   (cuBLAS splits that long reduction), with transient casts of lora_x / dY to the adapter dtype.
 * Strides are honoured (non-contiguous and broadcast inputs are never copied); offsets are int64.
@@ -72,10 +73,15 @@ def _lora_down_kernel(
     stride_ab, stride_ar, stride_ak,
     stride_ob, stride_om, stride_or,
     M_KEY,  # autotuning key only (bucketed M)
-    LR_DTYPE: tl.constexpr, LR_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    LR_DTYPE: tl.constexpr, LR_PRECISION: tl.constexpr, SPLIT: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """XA[b] = X[b] @ A[b]^T: one (BLOCK_M, BLOCK_R) tile of context b = program_id(1)."""
+    """XA[b] = X[b] @ A[b]^T: one (BLOCK_M, BLOCK_R) tile of context b = program_id(1).
+
+    SPLIT (16-bit X, fp32 A): A = A_hi + A_lo with both halves in X's dtype, and two 16-bit dots
+    X A_hi + X A_lo. X is exact in its own dtype, so for bf16 the products keep ~16 mantissa
+    bits of A (error <= 2^-17 relative) at tensor-core speed; fp32 FMA dots would be ~15x slower.
+    """
     pid = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     num_r = tl.cdiv(R, BLOCK_R)
@@ -98,7 +104,13 @@ def _lora_down_kernel(
         k_in = offs_k < K - k0
         x = tl.load(x_ptrs, mask=k_in[None, :], other=0.0)
         a = tl.load(a_ptrs, mask=k_in[:, None], other=0.0)
-        acc = tl.dot(x.to(LR_DTYPE), a.to(LR_DTYPE), acc, input_precision=LR_PRECISION)
+        if SPLIT:
+            a_hi = a.to(LR_DTYPE)
+            a_lo = (a - a_hi.to(a.dtype)).to(LR_DTYPE)
+            acc = tl.dot(x, a_hi, acc)
+            acc = tl.dot(x, a_lo, acc)
+        else:
+            acc = tl.dot(x.to(LR_DTYPE), a.to(LR_DTYPE), acc, input_precision=LR_PRECISION)
         x_ptrs += step_x
         a_ptrs += step_a
 
@@ -168,7 +180,7 @@ def _lora_fused_fwd_kernel(
         lb_ptrs = LB_ptr + pid_b * stride_lbb + offs_r[:, None] * stride_lbr + cols[None, :] * stride_lbn
         step_xa = tl.cast(stride_xar, tl.int64) * BLOCK_R
         step_lb = tl.cast(stride_lbr, tl.int64) * BLOCK_R
-        for r0 in range(0, R, BLOCK_R):
+        for r0 in tl.range(0, R, BLOCK_R, num_stages=1):  # short loop: do not spend shared memory on pipelining it
             r_in = offs_r < R - r0
             xa = tl.load(xa_ptrs, mask=r_in[None, :], other=0.0)
             lb = tl.load(lb_ptrs, mask=r_in[:, None], other=0.0)
@@ -190,8 +202,10 @@ def _lora_fused_fwd_kernel(
 # --------------------------------------------------------------------------------------------
 
 # Hopper (H100/H200) tiles for 16-bit inputs: 128x128 / 128x256 tiles with 64-deep K slices keep
-# the wgmma pipes fed; 3-4 stages fit in 228 KB of shared memory. The first config is used alone
-# when autotuning is off (PERK_FAST_AUTOTUNE=0), so it is a safe all-rounder.
+# the wgmma pipes fed; 3-4 stages fit in 228 KB of shared memory. Checked by compiling offline for
+# sm_90 (bf16 x, fp32 adapters, R = 16 and 256): every config fits, none spills except 128x64 with
+# 4 warps at R = 256 in "input" mode. The first config is used alone when autotuning is off
+# (PERK_FAST_AUTOTUNE=0), so it is a safe all-rounder.
 def _fused_configs(wide: bool) -> list[triton.Config]:
     if wide:  # fp32 / fp64 inputs: FMA or tf32 dots, keep tiles small
         shapes = [(64, 64, 32, 4, 3), (32, 64, 32, 4, 3), (64, 128, 32, 8, 3)]
@@ -199,7 +213,7 @@ def _fused_configs(wide: bool) -> list[triton.Config]:
         shapes = [
             (128, 128, 64, 8, 3),
             (128, 256, 64, 8, 3),
-            (128, 128, 64, 4, 4),
+            (128, 128, 64, 8, 4),
             (64, 256, 64, 8, 3),
             (128, 64, 64, 4, 4),
             (64, 128, 64, 4, 4),
@@ -258,16 +272,32 @@ def _new_output(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _dot_modes(x_dtype: torch.dtype, lr_dtype: torch.dtype, precision: str | None):
-    """(base_precision, low-rank operand dtype, low-rank precision, accumulator dtype)."""
+@dataclasses.dataclass(frozen=True)
+class _DotModes:
+    """How each kernel multiplies, resolved from (x dtype, adapter dtype, precision)."""
+
+    base: str  # input_precision of the base GEMM
+    down_dtype: object  # operand dtype of XA = X A^T
+    down_precision: str
+    down_split: bool  # hi/lo split of A into two 16-bit dots
+    lr_dtype: object  # operand dtype of the fused low-rank product (s XA) B^T
+    lr_precision: str
+    acc: object  # accumulator dtype
+
+
+def _dot_modes(x_dtype: torch.dtype, lr_dtype: torch.dtype, precision: str | None) -> _DotModes:
     if x_dtype == torch.float64:
-        return "ieee", tl.float64, "ieee", tl.float64
+        return _DotModes("ieee", tl.float64, "ieee", False, tl.float64, "ieee", tl.float64)
     if x_dtype == torch.float32:
         p = "tf32" if precision == "tf32" else "ieee"
-        return p, tl.float32, p, tl.float32
-    if lr_dtype == x_dtype or precision == "input":  # 16-bit operands, fp32 accumulation
-        return "ieee", _TL_DTYPES[x_dtype], "ieee", tl.float32
-    return "ieee", tl.float32, ("ieee" if precision == "ieee" else "tf32"), tl.float32
+        return _DotModes(p, tl.float32, p, False, tl.float32, p, tl.float32)
+    half = _TL_DTYPES[x_dtype]
+    mode = precision or ("split" if x_dtype == torch.bfloat16 else "tf32")
+    if lr_dtype == x_dtype or mode == "input":  # 16-bit operands, fp32 accumulation
+        return _DotModes("ieee", half, "ieee", False, half, "ieee", tl.float32)
+    if mode == "split":
+        return _DotModes("ieee", half, "ieee", True, tl.float32, "tf32", tl.float32)
+    return _DotModes("ieee", tl.float32, mode, False, tl.float32, mode, tl.float32)
 
 
 def lora_down_forward(x: torch.Tensor, lora_a: torch.Tensor, *, precision: str | None = None) -> torch.Tensor:
@@ -282,7 +312,7 @@ def lora_down_forward(x: torch.Tensor, lora_a: torch.Tensor, *, precision: str |
         return xa
     if k == 0:
         return xa.zero_()
-    _, lr_dtype, lr_precision, acc_dtype = _dot_modes(x.dtype, lora_a.dtype, precision)
+    modes = _dot_modes(x.dtype, lora_a.dtype, precision)
     block_r = min(max(triton.next_power_of_2(r), 16), 128)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(r, block_r), n_ctx)  # noqa: E731
     args = [
@@ -292,7 +322,10 @@ def lora_down_forward(x: torch.Tensor, lora_a: torch.Tensor, *, precision: str |
         xa.stride(0), xa.stride(1), xa.stride(2),
         _m_key(m),
     ]
-    meta = dict(LR_DTYPE=lr_dtype, LR_PRECISION=lr_precision, ACC_DTYPE=acc_dtype, BLOCK_R=block_r)
+    meta = dict(
+        LR_DTYPE=modes.down_dtype, LR_PRECISION=modes.down_precision, SPLIT=modes.down_split, ACC_DTYPE=modes.acc,
+        BLOCK_R=block_r,
+    )
     _launch("down", grid, args, meta, wide=x.dtype not in _HALF)
     return xa
 
@@ -326,7 +359,7 @@ def lora_forward(
     has_lora = xa is not None and xa.shape[2] > 0
     r = xa.shape[2] if has_lora else 0
     lr_dtype = lora_b.dtype if has_lora else x.dtype
-    base_precision, lr_tl, lr_precision, acc_dtype = _dot_modes(x.dtype, lr_dtype, precision)
+    modes = _dot_modes(x.dtype, lr_dtype, precision)
     scale = float(scale)
     scale_hi = struct.unpack("f", struct.pack("f", scale))[0]  # fp32 part; the rest goes in scale_lo
     xa_strides = xa.stride() if has_lora else (0, 0, 0)
@@ -345,7 +378,7 @@ def lora_forward(
     ]
     meta = dict(
         HAS_BIAS=bias is not None, HAS_LORA=has_lora,
-        BASE_PRECISION=base_precision, LR_DTYPE=lr_tl, LR_PRECISION=lr_precision, ACC_DTYPE=acc_dtype,
+        BASE_PRECISION=modes.base, LR_DTYPE=modes.lr_dtype, LR_PRECISION=modes.lr_precision, ACC_DTYPE=modes.acc,
         BLOCK_R=min(max(triton.next_power_of_2(r), 16), 64),
     )
     _launch("fused", grid, args, meta, wide=x.dtype not in _HALF)
@@ -518,11 +551,24 @@ def lora_linear(
         lora_a: (B, R, K); lora_b: (B, N, R); one adapter per context, typically fp32.
         scale: the LoRA scale (a Python number, e.g. alpha / sqrt(R)).
         lora_x: input of the low-rank path only (e.g. dropout(x)); defaults to x.
-        precision: how the Triton kernels multiply the low-rank operands. ``None`` (default):
-            ``"ieee"`` for fp32/fp64 inputs, ``"tf32"`` for 16-bit inputs. ``"ieee"``: exact fp32
-            operands. ``"tf32"``: fp32 operands on tf32 tensor cores (for fp32 inputs this also
-            applies to the base GEMM). ``"input"``: operands rounded to x's 16-bit dtype (fastest).
-            Accumulation is fp32 in every mode. Ignored by the PyTorch twin.
+        precision: how the Triton kernels multiply when x is 16-bit and the adapters fp32
+            (accumulation is fp32 in every mode; the twin ignores this argument):
+
+            ========  =========================================  ============================
+            mode      XA = lx A^T and dY B (feed dA, dB)          fused (s XA) B^T into y, dX
+            ========  =========================================  ============================
+            "split"   A split into 16-bit hi + lo, 2 dots         tf32 tensor cores
+            "tf32"    tf32 tensor cores                           tf32 tensor cores
+            "ieee"    exact fp32 (FMA units, slow)                exact fp32 (FMA units, slow)
+            "input"   A rounded to x's dtype, 1 dot               operands rounded to x's dtype
+            ========  =========================================  ============================
+
+            ``None`` (default) is "split" for bf16 and "tf32" for fp16 (an fp16 lo half would
+            underflow). Rationale: XA and dY B_b feed the fp32 adapter gradients, so they are kept
+            near fp32 (bf16 split: <= 2^-17 relative per product); the fused low-rank product is
+            rounded into a 16-bit output anyway, and tf32 carries at least that output's mantissa.
+            For fp32 inputs every dot is "ieee" unless precision="tf32" (base GEMM too); fp64 is
+            always exact.
 
     Differentiable w.r.t. x, lora_x, lora_a and lora_b to any order. Runs the Triton kernels when
     ``use_triton(...)`` says so (CUDA tensors under backend ``auto``), else the PyTorch twin; the

@@ -16,7 +16,7 @@ import numbers
 import torch
 
 WEIGHT_LAYOUTS = ("linear", "conv1d")
-PRECISIONS = (None, "ieee", "tf32", "input")
+PRECISIONS = (None, "ieee", "tf32", "input", "split")
 
 
 def check_lora_inputs(x, weight, bias, lora_a, lora_b, lora_x, *, scale, weight_layout, precision=None):
