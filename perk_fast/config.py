@@ -121,10 +121,10 @@ class PerkConfig:
         real("inner_eps", 0.0, lo_open=True)
         real("inner_weight_decay", 0.0)
         choice("unroll", UNROLL_MODES)
-        if isinstance(self.unroll_start, bool) or not isinstance(self.unroll_start, int) or not (
-            0 <= self.unroll_start <= self.inner_steps
-        ):
-            _fail("unroll_start", self.unroll_start, f"an integer in [0, inner_steps={self.inner_steps}]")
+        if isinstance(self.unroll_start, bool) or not isinstance(self.unroll_start, int) or self.unroll_start < 0:
+            _fail("unroll_start", self.unroll_start, "an integer >= 0")
+        if self.unroll == "truncated" and self.unroll_start > self.inner_steps:
+            _fail("unroll_start", self.unroll_start, f"an integer in [0, inner_steps={self.inner_steps}] with unroll='truncated'")
         choice("meta_grad", META_GRADS)
         pos_int("segment_len", 4)
         pos_int("segments_per_step")

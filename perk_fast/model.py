@@ -324,7 +324,10 @@ class PerkModel(nn.Module):
         micro = make_micro_batches(segments, self.config.segments_per_step, pad_id(self.tokenizer), self.device)
         if self.config.meta_grad == "checkpointed":
             return checkpointed_inner_loop(self, micro, len(segments), seed=seed)
-        return run_inner_loop(self, self.initial_adapters(len(segments)), micro, differentiable=True, seed=seed)
+        # under no_grad nothing is differentiated: the same values without any graph
+        return run_inner_loop(
+            self, self.initial_adapters(len(segments)), micro, differentiable=torch.is_grad_enabled(), seed=seed
+        )
 
     def meta_loss(self, contexts, questions, answers, supports=None, *, seed: int | None = None) -> torch.Tensor:
         """Outer loss of a batch of B contexts, differentiable w.r.t. ``meta_parameters()``.
