@@ -40,6 +40,9 @@ class PerkConfig:
     ``unroll_start``), ``first_order``. ``meta_grad`` chooses how they are computed:
     ``checkpointed`` (flat memory, replay) or ``unrolled`` (one big graph).
 
+    LM head: ``lm_head_loss='chunked'`` never holds more than ``lm_head_chunk_size``
+    tokens' logits (default: a 256 MiB chunk); ``'full'`` materialises them (reference).
+
     Outer loop (``meta_train``): AdamW at ``outer_lr`` with ``outer_weight_decay``,
     linear warmup over ``warmup_proportion`` of the steps then cosine decay,
     gradient clipping at ``max_grad_norm``.
@@ -70,6 +73,7 @@ class PerkConfig:
     weighted_loss: bool = True
     weight_hidden: int = 128
     lm_head_loss: str = "chunked"
+    lm_head_chunk_size: int | None = None
     # outer loop
     outer_lr: float = 1e-5
     outer_betas: tuple[float, float] = (0.9, 0.95)
@@ -139,6 +143,8 @@ class PerkConfig:
             _fail("layers", self.layers, "None or a non-empty list of layer indices >= 0")
         pos_int("weight_hidden")
         choice("lm_head_loss", LM_HEAD_LOSSES)
+        if self.lm_head_chunk_size is not None:
+            pos_int("lm_head_chunk_size")
         real("outer_lr", 0.0)
         real("outer_eps", 0.0, lo_open=True)
         real("outer_weight_decay", 0.0)

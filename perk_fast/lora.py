@@ -29,14 +29,7 @@ import torch
 from torch import nn
 
 from .config import DEFAULT_TARGETS, PerkConfig
-try:
-    from .kernels.lora import lora_linear
-except ImportError:  # TEMPORARY until kernels/lora.py lands
-    def lora_linear(x, weight, bias, a, b, *, scale, weight_layout="linear", lora_x=None):
-        w = weight if weight_layout == "linear" else weight.t()
-        y = torch.nn.functional.linear(x, w, bias)
-        lx = x if lora_x is None else lora_x
-        return y + (scale * ((lx.to(a.dtype) @ a.transpose(-1, -2)) @ b.transpose(-1, -2))).to(y.dtype)
+from .kernels.lora import lora_linear
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 

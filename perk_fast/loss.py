@@ -44,6 +44,7 @@ def lm_head_loss_sum(
     token_weights: torch.Tensor,
     *,
     mode: str = "chunked",
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """``sum_i token_weights_i * CE(hidden_i Wᵀ, labels_i)`` over tokens whose label != -100.
 
@@ -53,7 +54,9 @@ def lm_head_loss_sum(
     if mode == "chunked":
         from .kernels.linear_ce import linear_cross_entropy
 
-        return linear_cross_entropy(hidden, weight, labels, token_weights=token_weights, reduction="sum")
+        return linear_cross_entropy(
+            hidden, weight, labels, token_weights=token_weights, reduction="sum", chunk_size=chunk_size
+        )
     if mode == "full":
         out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         logits = (hidden @ weight.t()).to(out_dtype)

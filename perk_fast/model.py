@@ -260,7 +260,8 @@ class PerkModel(nn.Module):
             w = torch.ones(labels.shape, dtype=self.meta_dtype, device=labels.device)
         w = w * mb.row_scale.to(w.dtype)[:, None]
         return lm_head_loss_sum(
-            h.reshape(-1, d), self.lm_head_weight, labels.reshape(-1), w.reshape(-1), mode=self.config.lm_head_loss
+            h.reshape(-1, d), self.lm_head_weight, labels.reshape(-1), w.reshape(-1),
+            mode=self.config.lm_head_loss, chunk_size=self.config.lm_head_chunk_size,
         )
 
     def outer_loss(self, params: Sequence[torch.Tensor], query: tuple[torch.Tensor, torch.Tensor], *, seed=None):
@@ -273,7 +274,7 @@ class PerkModel(nn.Module):
         w = (1.0 / (counts.to(self.meta_dtype) * labels.shape[0]))[:, None].expand(labels.shape)
         return lm_head_loss_sum(
             hidden[:, :-1].reshape(-1, d), self.lm_head_weight, labels.reshape(-1), w.reshape(-1),
-            mode=self.config.lm_head_loss,
+            mode=self.config.lm_head_loss, chunk_size=self.config.lm_head_chunk_size,
         )
 
     # ------------------------------------------------------------------ data
