@@ -200,6 +200,8 @@ class ReferencePerk:
             if type(module) is nn.ModuleList:
                 module.__class__ = _SliceToList
         self.head = self.model.get_output_embeddings().weight
+        # same maths, other summation order: reversed segment rows (a probe of rounding noise)
+        self.reverse_segments = False
         self.meta_dtype = pm.lora_A[0].dtype
         self.loss_dtype = torch.float64 if self.head.dtype == torch.float64 else torch.float32
         self.projections: list[LoraProjection] = []
@@ -234,7 +236,7 @@ class ReferencePerk:
                 leaves[f"weighting.{name}"] = p.detach().clone().requires_grad_(True)
         return leaves
 
-    def _optimizer(self, lr_table: torch.Tensor) -> torch.optim.Optimizer:
+    def _optimizer(self) -> torch.optim.Optimizer:
         cfg = self.config
         groups = []
         for proj in self.projections:
@@ -259,8 +261,9 @@ class ReferencePerk:
         cfg = self.config
         tok = self.pm.tokenizer
         device = self.head.device
-        ids = pad_rows([s for s, _ in segments.segments], pad_id(tok)).to(device)
-        labels = pad_rows([l for _, l in segments.segments], IGNORE).to(device)
+        rows = segments.segments[::-1] if self.reverse_segments else segments.segments
+        ids = pad_rows([s for s, _ in rows], pad_id(tok)).to(device)
+        labels = pad_rows([l for _, l in rows], IGNORE).to(device)
         n_positions = segments.n_positions
         weighting = None
         if self.pm.weighting is not None:
@@ -271,10 +274,12 @@ class ReferencePerk:
         def detach_grads(grads):
             return [None if g is None else g.detach() for g in grads]
 
-        opt = self._optimizer(lrs)
+        opt = self._optimizer()
         with higher.innerloop_ctx(self.body, opt, copy_initial_weights=False) as (fbody, diffopt):
             for t in range(cfg.inner_steps):
                 second_order = cfg.unroll == "full" or (cfg.unroll == "truncated" and t >= cfg.unroll_start)
+                # higher always builds the double-backward graph (create_graph=True), so every
+                # inner pass needs twice-differentiable attention, even when its gradient is detached
                 hidden = self._hidden(fbody, ids, second_order=True)
                 ce = _token_ce(hidden, self.head, labels, self.loss_dtype)
                 w = _weights(hidden, weighting)
