@@ -34,8 +34,8 @@ from pathlib import Path
 import torch  # does not import triton; the interpreter switch below must precede that
 
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+if not CUDA:  # the interpreter is the only way to run the kernels here (even if TRITON_INTERPRET=0 was set)
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import triton  # noqa: E402
 

@@ -201,23 +201,18 @@ def _lora_fused_fwd_kernel(
 # Launchers
 # --------------------------------------------------------------------------------------------
 
-# Hopper (H100/H200) tiles for 16-bit inputs: 128x128 / 128x256 tiles with 64-deep K slices keep
-# the wgmma pipes fed; 3-4 stages fit in 228 KB of shared memory. Checked by compiling offline for
-# sm_90 (bf16 x, fp32 adapters, R = 16 and 256): every config fits, none spills except 128x64 with
-# 4 warps at R = 256 in "input" mode. The first config is used alone when autotuning is off
-# (PERK_FAST_AUTOTUNE=0), so it is a safe all-rounder.
+# Hopper (H100/H200) tiles for 16-bit inputs: 128x128 / 128x256 output tiles with 64-deep K slices
+# keep the wgmma pipes fed, 3-4 stages fit in 228 KB of shared memory. Checked by compiling
+# offline for sm_90 (bf16/fp16 x, fp32 adapters, R = 16 and 256, default and "input" precision):
+# every config below fits and none spills registers ("ieee" at R = 256 spills in any tiling: it is
+# the slow exact mode). The first config is used alone when autotuning is off
+# (PERK_FAST_AUTOTUNE=0), so it is the safe all-rounder. The down-projection reads x once per
+# BLOCK_R columns of XA (BLOCK_R up to 128), so 8 warps share its fp32 accumulator.
 def _fused_configs(wide: bool) -> list[triton.Config]:
     if wide:  # fp32 / fp64 inputs: FMA or tf32 dots, keep tiles small
-        shapes = [(64, 64, 32, 4, 3), (32, 64, 32, 4, 3), (64, 128, 32, 8, 3)]
+        shapes = [(64, 64, 32, 4, 3), (64, 128, 32, 8, 3)]
     else:
-        shapes = [
-            (128, 128, 64, 8, 3),
-            (128, 256, 64, 8, 3),
-            (128, 128, 64, 8, 4),
-            (64, 256, 64, 8, 3),
-            (128, 64, 64, 4, 4),
-            (64, 128, 64, 4, 4),
-        ]
+        shapes = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 256, 64, 8, 3), (128, 64, 64, 4, 4)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in shapes
@@ -225,7 +220,10 @@ def _fused_configs(wide: bool) -> list[triton.Config]:
 
 
 def _down_configs(wide: bool) -> list[triton.Config]:
-    shapes = [(64, 32, 4, 3), (32, 32, 4, 3)] if wide else [(128, 64, 4, 4), (64, 64, 4, 4), (128, 128, 8, 3), (64, 128, 4, 3)]
+    if wide:
+        shapes = [(64, 32, 4, 3), (32, 32, 4, 3)]
+    else:
+        shapes = [(128, 64, 8, 3), (64, 64, 8, 4), (128, 32, 8, 4), (64, 64, 4, 3)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bm, bk, w, s in shapes]
 
 
@@ -243,10 +241,10 @@ def _autotune_enabled() -> bool:
 def _tuned(kernel_name: str, wide: bool):
     """Autotuned wrapper of a kernel, built on first GPU use (nothing is probed at import)."""
     if kernel_name == "fused":
-        return triton.autotune(configs=_fused_configs(wide), key=["M_KEY", "N", "K", "R", "HAS_LORA"])(
-            _lora_fused_fwd_kernel
-        )
-    return triton.autotune(configs=_down_configs(wide), key=["M_KEY", "K", "R"])(_lora_down_kernel)
+        key = ["M_KEY", "N", "K", "R", "HAS_LORA", "LR_DTYPE", "LR_PRECISION"]
+        return triton.autotune(configs=_fused_configs(wide), key=key)(_lora_fused_fwd_kernel)
+    key = ["M_KEY", "K", "R", "LR_DTYPE", "LR_PRECISION", "SPLIT"]
+    return triton.autotune(configs=_down_configs(wide), key=key)(_lora_down_kernel)
 
 
 def _launch(kernel_name: str, grid, args: list, meta: dict, wide: bool) -> None:

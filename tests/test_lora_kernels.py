@@ -419,8 +419,11 @@ def test_unsupported_dtype_mix_raises():
 
 @pytest.mark.requires_cuda
 @needs_native_cuda
-@pytest.mark.parametrize("precision", [None, "tf32", "ieee", "input"], ids=lambda p: f"prec={p}")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize(
+    "dtype,precision",
+    [(torch.bfloat16, None), (torch.bfloat16, "input"), (torch.bfloat16, "ieee"), (torch.float16, None)],
+    ids=["bf16-default", "bf16-input", "bf16-ieee", "fp16-default"],
+)
 @pytest.mark.parametrize(
     "shape,layout",
     [((2, 512, 768, 2304, 16), "conv1d"), ((1, 384, 896, 4864, 256), "linear"), ((3, 77, 4864, 896, 256), "linear")],

@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# One prepared GPU session: CUDA tests (kernels first), then the benchmarks.
+#
+#   bench/gpu_check.sh [OUT]          OUT defaults to $OUT, else bench/results/gpu
+#
+# Everything goes to $OUT/gpu_check.log; benchmark JSON is written to (or copied into) $OUT.
+# Each step runs under its own `timeout` and a failing step does not stop the others; the limits
+# add up to about 8 minutes. Nothing here changes the GPU's clocks or settings.
+set -u
+
+OUT=${1:-${OUT:-bench/results/gpu}}
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+cd "$REPO" || exit 1
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+LOG="$OUT/gpu_check.log"
+: >"$LOG"
+
+export TRITON_INTERPRET=0      # compiled kernels; tests/conftest.py only enables the interpreter without CUDA
+export PERK_FAST_BACKEND=auto
+export PYTHONUNBUFFERED=1
+START=$(date +%s)
+STAMP="$OUT/.gpu_check_start"
+touch "$STAMP"
+SUMMARY=()
+
+log() { echo "$*" | tee -a "$LOG"; }
+
+# step NAME LIMIT_SECONDS COMMAND...
+step() {
+    local name=$1 limit=$2
+    shift 2
+    local t0
+    t0=$(date +%s)
+    log "=== [$name] start, limit ${limit}s: $*"
+    timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
+    local rc=$?
+    local took=$(($(date +%s) - t0))
+    [ "$rc" -eq 124 ] && log "=== [$name] TIMED OUT after ${limit}s"
+    log "=== [$name] rc=$rc in ${took}s (elapsed $(($(date +%s) - START))s)"
+    SUMMARY+=("$name: rc=$rc ${took}s")
+}
+
+# remaining seconds of an overall budget, at least 30
+left() { local l=$(($1 - ($(date +%s) - START))); [ "$l" -lt 30 ] && l=30; echo "$l"; }
+
+environment() {
+    nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv
+    git -C "$REPO" rev-parse HEAD 2>/dev/null || echo "commit: unknown (no .git)"
+    python - <<'EOF'
+import platform, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
+      "device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+try:
+    import triton
+    print("triton", triton.__version__)
+except ImportError as e:
+    print("triton missing:", e)
+EOF
+}
+
+# perk_fast maps kernels/ to perk_fast.kernels through setup.py; install it when it is not there
+# (no network: no deps, no build isolation); as a last resort, a symlink shim on PYTHONPATH.
+ensure_package() {
+    python -c "import perk_fast.kernels.lora" 2>/dev/null && { echo "perk_fast importable"; return 0; }
+    pip install --no-deps --no-build-isolation -q -e . && python -c "import perk_fast.kernels.lora" && return 0
+    local shim="$OUT/.shim/perk_fast"
+    rm -rf "$OUT/.shim" && mkdir -p "$shim"
+    for f in "$REPO"/perk_fast/*; do ln -s "$f" "$shim/"; done
+    ln -sfn "$REPO/kernels" "$shim/kernels"
+    echo "using shim $OUT/.shim"
+}
+
+export REPO OUT
+export -f environment ensure_package  # `timeout` runs programs, not shell functions
+step environment 30 bash -c environment
+step install 90 bash -c ensure_package
+if ! python -c "import perk_fast.kernels.lora" 2>/dev/null && [ -d "$OUT/.shim" ]; then
+    export PYTHONPATH="$OUT/.shim${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+# 1. the kernels' CUDA tests, one config per kernel (autotuning would multiply compile time)
+step "lora kernel CUDA tests" 150 env PERK_FAST_AUTOTUNE=0 \
+    python -m pytest -q -rs -p no:cacheprovider -m requires_cuda tests/test_lora_kernels.py
+# 2. the LoRA kernel benchmark (autotuned; stops starting new cases after --time-budget)
+step "bench lora_kernels" 170 python bench/lora_kernels.py --out "$OUT" --time-budget 110
+# 3. the other CUDA tests of the project
+if [ -n "$(ls tests/test_*.py 2>/dev/null | grep -v test_lora_kernels.py)" ]; then
+    step "other CUDA tests" 75 python -m pytest -q -rs -p no:cacheprovider -m requires_cuda tests \
+        --ignore=tests/test_lora_kernels.py
+fi
+# 4. the other benchmarks, when they exist
+if [ -f bench/linear_ce.py ]; then
+    step "bench linear_ce" 60 python bench/linear_ce.py --out "$OUT"
+fi
+if [ -f bench/inner_loop.py ]; then
+    step "bench inner_loop" 100 python bench/inner_loop.py --preset gpt2 --device cuda --out "$OUT"
+fi
+# 5. with time to spare: the whole LoRA test grid on the GPU (fp32/fp64 against the twin)
+if [ $(($(date +%s) - START)) -lt 400 ]; then
+    step "lora kernel full grid on CUDA" "$(left 480)" env PERK_FAST_AUTOTUNE=0 \
+        python -m pytest -q -x -p no:cacheprovider tests/test_lora_kernels.py
+fi
+
+# benchmarks that write into bench/results/ rather than --out: copy what this run produced
+find bench/results -maxdepth 1 -name '*.json' -newer "$STAMP" -exec cp {} "$OUT/" \; 2>/dev/null
+rm -f "$STAMP"
+
+log "=== summary (total $(($(date +%s) - START))s)"
+for s in "${SUMMARY[@]}"; do log "  $s"; done
