@@ -7,8 +7,15 @@ teaches a model to do this well; ``encode`` writes many contexts at once.
 from .config import PerkConfig
 from .encode import encode
 from .memory import Memory
+from .metrics import exact_match, f1_score, score
 from .model import PerkModel
+from .readers import read_examples, write_jsonl
+from .tasks import Example, generate
+from .tokenizer import ByteTokenizer
 from .train import meta_train
 
-__all__ = ["PerkConfig", "PerkModel", "Memory", "encode", "meta_train"]
+__all__ = [
+    "PerkConfig", "PerkModel", "Memory", "encode", "meta_train",
+    "Example", "generate", "read_examples", "write_jsonl", "score", "exact_match", "f1_score", "ByteTokenizer",
+]
 __version__ = "0.1.0"
