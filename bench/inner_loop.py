@@ -343,8 +343,8 @@ def summary(rows: list[dict], where: str = "") -> str:
         r = by.get(mode)
         if r is None or r["status"] != "ok":
             continue
-        if ref is None or ref["status"] != "ok":
-            state = "not run" if ref is None else ref["status"]
+        if ref is None or ref["status"] != "ok" or "peak_vs_reference" not in r:
+            state = "not run" if ref is None else ref["status"].replace("oom", "out of memory")
             return f"{mode}{where}: peak {fmt_bytes(r['peak_bytes'])} MiB, {r['median_s']:.3f} s; reference {state}"
         noise = f" (noise floor {ref['noise_floor']:.0e})" if "noise_floor" in ref else ""
         return (
@@ -362,7 +362,7 @@ def plot_sweep(points: list[dict], axis: str, path: Path, title: str) -> None:
 
     fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(11, 4.2))
     modes = [m for m in MODES if any(r["mode"] == m for p in points for r in p["rows"])]
-    for mode in modes:
+    for k, mode in enumerate(modes):
         xs, mem, tim, oom_x = [], [], [], []
         for p in points:
             r = next((r for r in p["rows"] if r["mode"] == mode), None)
@@ -376,11 +376,10 @@ def plot_sweep(points: list[dict], axis: str, path: Path, title: str) -> None:
                 oom_x.append(p["x"])
         line = ax_mem.plot(xs, mem, "o-", label=mode)[0]
         ax_time.plot(xs, tim, "o-", label=mode, color=line.get_color())
-        for x in oom_x:
+        if oom_x:  # an X per out-of-memory point along the top edge, one row per mode
             for ax in (ax_mem, ax_time):
-                ax.axvline(x, color=line.get_color(), ls=":", lw=1)
-                ax.annotate(f"{mode} OOM", (x, 0.95), xycoords=("data", "axes fraction"), rotation=90,
-                            color=line.get_color(), fontsize=8, ha="right", va="top")
+                ax.plot(oom_x, [0.95 - 0.05 * k] * len(oom_x), "X", ms=9, color=line.get_color(),
+                        transform=ax.get_xaxis_transform(), label=f"{mode}: out of memory", ls="none")
     xlabel = "inner steps T" if axis == "steps" else "context tokens (segments x segment length)"
     for ax, ylabel in ((ax_mem, "peak memory of a meta-step (MiB)"), (ax_time, "median meta-step time (s)")):
         ax.set_xscale("log", base=2)

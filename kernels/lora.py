@@ -30,6 +30,8 @@ Design limits
 * dA and dB reduce over all tokens of a context; they run as ``torch.bmm`` in the adapter dtype
   (cuBLAS splits that long reduction), with transient casts of lora_x / dY to the adapter dtype.
 * Strides are honoured (non-contiguous and broadcast inputs are never copied); offsets are int64.
+* Contexts run on grid axis 1, so B <= 65535.
+* fp64 runs everywhere (``tl.dot`` takes fp64 on GPUs and in the interpreter): the gradchecks use it.
 * No autocast handling: pass tensors in the dtypes you want.
 * Under ``TRITON_INTERPRET=1`` (CPU tests) bf16 ``tl.dot`` is not supported by the interpreter;
   fresh outputs are filled with NaN there so that unwritten elements show in tests.

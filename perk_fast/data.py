@@ -116,7 +116,7 @@ def query_target(answer: str, support: Any = None) -> str:
     if support is None or (not isinstance(support, str) and len(support) == 0) or support == "":
         return answer
     if not isinstance(support, str):
-        support = " ".join(str(s) for s in support)
+        support = "\n".join(str(s) for s in support)  # the reference joins support facts with newlines
     return f"<support>{support}</support>\n<output>{answer}</output>"
 
 
