@@ -161,7 +161,7 @@ class Bench:
 
     def __init__(self, hf_model, tokenizer, config: PerkConfig, data) -> None:
         self.pm = PerkModel(hf_model, tokenizer, config).eval()
-        with torch.no_grad():  # off the B = 0 kink, so gradients are generic
+        with torch.no_grad():  # off PEFT's B = 0 start (a kink of AdamW's first step), as after meta-training
             gen = torch.Generator().manual_seed(1)
             for b in self.pm.lora_B:
                 b.copy_(B_SCALE * torch.randn(b.shape, generator=gen).to(b))
@@ -194,6 +194,8 @@ class Bench:
 def measure(bench: Bench, mode: str, repeats: int, device: str) -> dict:
     """Peak memory (one step) and median time (``repeats`` steps) of one mode."""
     out: dict = {"mode": mode}
+    for p in bench.pm.meta_parameters():  # nothing of an earlier mode stays resident
+        p.grad = None
     try:
         gc.collect()
         if device == "cuda":

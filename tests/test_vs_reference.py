@@ -1,8 +1,8 @@
 """perk_fast's meta-gradients against the independent ``higher`` reference (tests/perk_reference.py).
 
 fp64 tiny random GPT-2 and Qwen2 (2 layers, hidden 32, byte vocabulary), B = 3 contexts of
-different lengths with 2-5 segments each and ``segments_per_step = 2`` (so contexts have
-different numbers of micro-batches), T = 3 steps, learned (randomised) learning rates, LoRA B
+different lengths (11, 6 and 7 segments of <= 16 tokens; 1-3 documents) and
+``segments_per_step = 2`` (so the contexts have different numbers of micro-batches), T = 3 steps, learned (randomised) learning rates, LoRA B
 and the weighting model's fc2 moved off zero so every meta-parameter gets a real gradient.
 For every optimiser / unroll mode / weighting case and both meta-gradient strategies, the loss
 and every meta-parameter's gradient must equal the reference's to a relative error of 1e-8.
