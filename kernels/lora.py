@@ -206,8 +206,8 @@ def _lora_fused_fwd_kernel(
 # Hopper (H100/H200) tiles for 16-bit inputs: 128x128 / 128x256 output tiles with 64-deep K slices
 # keep the wgmma pipes fed, 3-4 stages fit in 228 KB of shared memory. Checked by compiling
 # offline for sm_90 (bf16/fp16 x, fp32 adapters, R = 16 and 256, default and "input" precision):
-# every config below fits and none spills registers ("ieee" at R = 256 spills in any tiling: it is
-# the slow exact mode). The first config is used alone when autotuning is off
+# every config below fits, and none spills registers but 128x256 in "input" mode at R = 256 (8
+# bytes); "ieee" at R = 256 spills in any tiling: it is the slow exact mode. The first config is used alone when autotuning is off
 # (PERK_FAST_AUTOTUNE=0), so it is the safe all-rounder. The down-projection reads x once per
 # BLOCK_R columns of XA (BLOCK_R up to 128), so 8 warps share its fp32 accumulator.
 def _fused_configs(wide: bool) -> list[triton.Config]:
@@ -225,7 +225,7 @@ def _down_configs(wide: bool) -> list[triton.Config]:
     if wide:
         shapes = [(64, 32, 4, 3), (32, 32, 4, 3)]
     else:
-        shapes = [(128, 64, 8, 3), (64, 64, 8, 4), (128, 32, 8, 4), (64, 64, 4, 3)]
+        shapes = [(128, 64, 8, 3), (64, 64, 8, 4), (128, 32, 8, 4)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bm, bk, w, s in shapes]
 
 
