@@ -189,13 +189,14 @@ def bench_case(c, rank, rep_ms):
     return out
 
 
-def run_cuda(args) -> dict:
+def run_cuda(args, save) -> dict:
+    """Times every case; ``save(partial_result)`` runs after each one, so a killed run keeps its data."""
     device_name = torch.cuda.get_device_name(0)
     pairs = [(layer, REFERENCE_RANK[layer[0]]) for layer in LAYERS]
     pairs += [(layer, r) for layer in LAYERS for r in RANKS if r != REFERENCE_RANK[layer[0]]]
     rows, skipped, t0 = [], [], time.time()
     header = (f"{'model':13s} {'layer':13s} {'K->N':>10s} {'tokens':>6s} {'r':>4s} | "
-              f"{'base ms':>8s} {'fused ms':>8s} {'eager ms':>8s} | {'fused TF/s':>10s} | "
+              f"{'base ms':>8s} {'fused ms':>8s} {'eager ms':>8s} | {'base TF/s':>9s} {'fused TF/s':>10s} | "
               f"{'fused ovh%':>10s} {'input ovh%':>10s} {'eager ovh%':>10s} {'tri-base%':>9s} | "
               f"{'fused/eager':>11s} {'mem f/e':>7s}")
     print(f"device: {device_name}; bf16 x/W, fp32 adapters, {CONTEXTS} contexts; overhead % over cuBLAS base GEMM")
@@ -213,7 +214,7 @@ def run_cuda(args) -> dict:
                 r_ = res
                 print(f"{model:13s} {layer:13s} {f'{k}->{n}':>10s} {tokens:6d} {rank:4d} | "
                       f"{r_['base'][mode]['ms']:8.3f} {r_['fused'][mode]['ms']:8.3f} {r_['eager'][mode]['ms']:8.3f} | "
-                      f"{r_['fused'][mode]['tflops']:10.1f} | "
+                      f"{r_['base'][mode]['tflops']:9.1f} {r_['fused'][mode]['tflops']:10.1f} | "
                       f"{r_['fused'][mode]['overhead_vs_base_pct']:10.1f} "
                       f"{r_['fused-input'][mode]['overhead_vs_base_pct']:10.1f} "
                       f"{r_['eager'][mode]['overhead_vs_base_pct']:10.1f} "
@@ -223,6 +224,7 @@ def run_cuda(args) -> dict:
                       f"  [{mode}]", flush=True)
             del c
             torch.cuda.empty_cache()
+            save(_cuda_result(device_name, args, rows, skipped, summary="(partial: run interrupted)"))
     if skipped:
         print(f"time budget of {args.time_budget:.0f}s reached: {len(skipped)} cases skipped (listed in the JSON)")
 
@@ -235,6 +237,10 @@ def run_cuda(args) -> dict:
                f"fused {med('fused', 'fwd'):.1f}% fwd / {med('fused', 'fwd+bwd'):.1f}% fwd+bwd, eager PyTorch "
                f"{med('eager', 'fwd'):.1f}% / {med('eager', 'fwd+bwd'):.1f}%; fused fwd+bwd is {speedup:.2f}x eager")
     print(summary)
+    return _cuda_result(device_name, args, rows, skipped, summary)
+
+
+def _cuda_result(device_name, args, rows, skipped, summary) -> dict:
     return {**meta(device_name, "cuda-timing"), "config": {
         "dtype": "bfloat16", "adapter_dtype": "float32", "contexts": CONTEXTS, "tokens": list(TOKENS),
         "ranks": list(RANKS), "rep_ms": args.rep_ms, "time_budget_s": args.time_budget,
@@ -311,14 +317,20 @@ def main() -> None:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     if CUDA:
-        result = run_cuda(args)
-        slug = "".join(ch if ch.isalnum() else "_" for ch in result["device"].lower()).strip("_")
+        slug = "".join(ch if ch.isalnum() else "_" for ch in torch.cuda.get_device_name(0).lower()).strip("_")
         path = out_dir / f"lora_kernels_{slug}.json"
+        result = run_cuda(args, save=lambda partial: _write(path, partial))
     else:
-        result = run_cpu_interpreter()
         path = out_dir / "lora_kernels_cpu.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
+        result = run_cpu_interpreter()
+    _write(path, result)
     print(f"wrote {path}", file=sys.stderr)
+
+
+def _write(path: Path, result: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(path)
 
 
 if __name__ == "__main__":
