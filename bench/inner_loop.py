@@ -13,6 +13,13 @@ median time of ``--repeats`` warm steps, both as ratios to the reference, and th
 difference of the meta-gradients from the reference's (max over meta-parameter tensors of
 ||g - g_ref|| / ||g_ref||).
 
+Gradient agreement needs care: through AdamW the meta-gradient is dominated by the entries whose
+inner gradient is about eps (the first step is sign-like, its derivative there ~ lr / eps), so in
+fp32 / bf16 it is ill-conditioned -- the reference differs from *itself* with its segments summed in
+the other order (the printed "noise floor", a lower bound of the rounding noise) by 1e-2..1e-1 in fp32.
+So the gradients are also compared in fp64 on a reduced problem (same preset, T, optimiser, unroll;
+4 segments, 2 per micro-batch; ``--no-fp64-check`` to skip), where they agree to ~1e-9.
+
 Peak memory is the peak of the bytes allocated *during* the step above what was resident before it
 (model weights, meta-parameters). It therefore includes ``higher``'s copy of the base weights, which
 the reference makes at every ``innerloop_ctx``. CPU: ``MemTracker`` (live tensor storages created
@@ -281,6 +288,47 @@ def run_point(hf_model, tokenizer, config: PerkConfig, data, modes, repeats, dev
     return rows
 
 
+def _rmsnorm_keep_dtype(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+
+def fp64_check(args, modes) -> dict:
+    """Meta-gradients of every mode against the reference's, in fp64, on a reduced problem.
+
+    Why: through AdamW the meta-gradient is dominated by the entries whose inner gradient is
+    about eps (there the first, sign-like step has derivative ~ lr / eps), so in fp32 / bf16 two
+    correct implementations -- or the reference against itself with reordered sums -- differ by
+    1e-2..1. fp64 shows whether they compute the same function. Same preset, T, optimiser and
+    unroll; at most 4 segments, 2 per micro-batch (micro-batching exercised), one context.
+    Qwen2's RMSNorm is made to keep fp64 (it computes in fp32), as in tests/test_vs_reference.py.
+    """
+    from transformers.models.qwen2 import modeling_qwen2
+
+    original = modeling_qwen2.Qwen2RMSNorm.forward
+    modeling_qwen2.Qwen2RMSNorm.forward = _rmsnorm_keep_dtype
+    try:
+        hf_model = build_model(args.preset, torch.float64, args.device)
+        tokenizer = WordTokenizer(hf_model.config.vocab_size)
+        segments = min(args.segments, 4)
+        config = perk_config(args, args.steps).replace(segments_per_step=min(args.segments_per_step, 2))
+        bench = Bench(hf_model, tokenizer, config, make_data(tokenizer, 1, segments, args.segment_len))
+        try:
+            grads = {}
+            for mode in ["reference"] + [m for m in modes if m != "reference"]:
+                try:
+                    grads[mode] = {n: None if g is None else g.clone() for n, g in bench.step(mode)[1].items()}
+                except (ImportError, ModuleNotFoundError):
+                    continue
+        finally:
+            bench.close()
+    finally:
+        modeling_qwen2.Qwen2RMSNorm.forward = original
+    ref = grads.pop("reference")
+    return {"segments": segments, "segments_per_step": config.segments_per_step,
+            "grad_rel_diff": {m: grad_rel_diff(g, ref) for m, g in grads.items()}}
+
+
 # ---------------------------------------------------------------------------------------- reporting
 def environment(device: str) -> dict:
     def git(*args: str) -> str:
@@ -338,7 +386,7 @@ def print_table(rows: list[dict]) -> None:
               f"differs by {ref['noise_floor']:.2e} (same maths, other rounding)")
 
 
-def summary(rows: list[dict], where: str = "") -> str:
+def summary(rows: list[dict], where: str = "", fp64: dict | None = None, dtype: str = "") -> str:
     by = {r["mode"]: r for r in rows}
     ref = by.get("reference")
     for mode in ("checkpointed", "unrolled"):
@@ -348,10 +396,15 @@ def summary(rows: list[dict], where: str = "") -> str:
         if ref is None or ref["status"] != "ok" or "peak_vs_reference" not in r:
             state = "not run" if ref is None else ref["status"].replace("oom", "out of memory")
             return f"{mode}{where}: peak {fmt_bytes(r['peak_bytes'])} MiB, {r['median_s']:.3f} s; reference {state}"
-        noise = f" (noise floor {ref['noise_floor']:.0e})" if "noise_floor" in ref else ""
+        noise = f", noise floor {ref['noise_floor']:.0e}" if "noise_floor" in ref else ""
+        run_diff = f"{r['grad_rel_diff']:.0e}"
+        if fp64 and mode in fp64["grad_rel_diff"]:
+            grad = f"{fp64['grad_rel_diff'][mode]:.0e} in fp64 ({dtype} run: {run_diff}{noise})"
+        else:
+            grad = f"{run_diff}" + (f" ({noise[2:]})" if noise else "")
         return (
             f"{mode} vs reference{where}: {1 / r['peak_vs_reference']:.1f}x less peak memory, "
-            f"{r['time_vs_reference']:.2f}x time, max grad rel diff {r['grad_rel_diff']:.0e}{noise}"
+            f"{r['time_vs_reference']:.2f}x time, max grad rel diff {grad}"
         )
     return "no perk_fast mode ran: " + ", ".join(f"{r['mode']} {r['status']}" for r in rows)
 
@@ -419,6 +472,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="CPU threads (default 1: OpenMP spin-waiting makes 2+ threads many times slower on a "
                          "shared, oversubscribed machine; the side-by-side ratios are what count on CPU)")
     ap.add_argument("--sweep", choices=["steps", "context"], default=None)
+    ap.add_argument("--fp64-check", action=argparse.BooleanOptionalAction, default=True,
+                    help="also compare the meta-gradients in fp64 on a reduced problem (single runs only)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"), help="directory for JSON / PNG")
     args = ap.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -464,15 +519,23 @@ def main(argv=None) -> None:
         config = perk_config(args, args.steps)
         data = make_data(tokenizer, args.contexts, args.segments, args.segment_len)
         rows = run_point(hf_model, tokenizer, config, data, args.modes, args.repeats, args.device)
-        line = summary(rows)
+        check = None
+        if args.fp64_check and "reference" in args.modes and args.dtype != "float64":
+            del hf_model
+            gc.collect()
+            check = fp64_check(args, args.modes)
+        line = summary(rows, fp64=check, dtype=args.dtype)
         result = {"benchmark": "inner_loop", **env, "config": {**base, "steps": args.steps,
-                  "perk_config": config.to_dict()}, "results": rows, "summary": line,
+                  "perk_config": config.to_dict()}, "results": rows, "fp64_check": check, "summary": line,
                   "wall_s": time.perf_counter() - t_start}
         path = out_dir / f"{tag}.json"
         print(f"{args.preset} ({base['n_params'] / 1e6:.1f}M params, {args.dtype}) on {env['device_name']}: "
               f"T={args.steps}, {args.contexts} context(s) x {args.segments} segments x {args.segment_len} tokens, "
               f"{args.segments_per_step} segments per micro-batch, unroll={args.unroll}, {args.optimizer}")
         print_table(rows)
+        if check is not None:
+            print(f"fp64 check ({check['segments']} segments, {check['segments_per_step']} per micro-batch, same T): "
+                  "max grad rel diff " + ", ".join(f"{m} {d:.1e}" for m, d in check["grad_rel_diff"].items()))
         path.write_text(json.dumps(result, indent=2))
         print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
         print(line)
