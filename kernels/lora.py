@@ -356,6 +356,8 @@ def lora_forward(
     y = _new_output((n_ctx, m, n), x.dtype, x.device)
     if y.numel() == 0:
         return y
+    if bias is not None:
+        bias = bias.contiguous()  # the kernel reads it with unit stride; N elements, usually a no-op
     has_lora = xa is not None and xa.shape[2] > 0
     r = xa.shape[2] if has_lora else 0
     lr_dtype = lora_b.dtype if has_lora else x.dtype

@@ -95,7 +95,9 @@ def make_inputs(
 
     x = activation()
     weight = rnd(n, k, std=k**-0.5) if layout == "linear" else rnd(k, n, std=k**-0.5)
-    b = rnd(n) if bias else None
+    b = None
+    if bias:
+        b = rnd(n) if x_kind == "contiguous" else rnd(2 * n)[::2]  # strided inputs: a strided bias too
     lora_a = rnd(n_ctx, r, k, std=k**-0.5, dt=adapter_dtype).requires_grad_()
     lora_b = rnd(n_ctx, n, r, std=r**-0.5, dt=adapter_dtype).requires_grad_()
     lora_x = activation() if separate_lx else None
