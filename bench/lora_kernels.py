@@ -229,13 +229,17 @@ def run_cuda(args, save) -> dict:
         print(f"time budget of {args.time_budget:.0f}s reached: {len(skipped)} cases skipped (listed in the JSON)")
 
     def med(key, mode):
-        return statistics.median(r["results"][key][mode]["overhead_vs_base_pct"] for r in rows) if rows else float("nan")
+        if not rows:
+            return float("nan")
+        return statistics.median(r["results"][key][mode]["overhead_vs_base_pct"] for r in rows)
 
     speedup = statistics.median(r["results"]["eager"]["fwd+bwd"]["ms"] / r["results"]["fused"]["fwd+bwd"]["ms"]
                                 for r in rows) if rows else float("nan")
+    tflops = statistics.median(r["results"]["fused"]["fwd+bwd"]["tflops"] for r in rows) if rows else float("nan")
     summary = (f"SUMMARY ({len(rows)} cases, {device_name}): LoRA overhead over the base GEMM, median: "
                f"fused {med('fused', 'fwd'):.1f}% fwd / {med('fused', 'fwd+bwd'):.1f}% fwd+bwd, eager PyTorch "
-               f"{med('eager', 'fwd'):.1f}% / {med('eager', 'fwd+bwd'):.1f}%; fused fwd+bwd is {speedup:.2f}x eager")
+               f"{med('eager', 'fwd'):.1f}% / {med('eager', 'fwd+bwd'):.1f}%; fused fwd+bwd is {speedup:.2f}x eager "
+               f"at {tflops:.0f} TFLOP/s ({100 * tflops / H200_BF16_DENSE_TFLOPS:.0f}% of H200 bf16 peak)")
     print(summary)
     return _cuda_result(device_name, args, rows, skipped, summary)
 

@@ -206,10 +206,11 @@ def _lora_fused_fwd_kernel(
 # Hopper (H100/H200) tiles for 16-bit inputs: 128x128 / 128x256 output tiles with 64-deep K slices
 # keep the wgmma pipes fed, 3-4 stages fit in 228 KB of shared memory. Checked by compiling
 # offline for sm_90 (bf16/fp16 x, fp32 adapters, R = 16 and 256, default and "input" precision):
-# every config below fits, and none spills registers but 128x256 in "input" mode at R = 256 (8
-# bytes); "ieee" at R = 256 spills in any tiling: it is the slow exact mode. The first config is used alone when autotuning is off
-# (PERK_FAST_AUTOTUNE=0), so it is the safe all-rounder. The down-projection reads x once per
-# BLOCK_R columns of XA (BLOCK_R up to 128), so 8 warps share its fp32 accumulator.
+# every config below fits, and none spills registers but 128x256 in "input" mode at R = 256
+# (8 bytes); "ieee" at R = 256 spills in any tiling: it is the slow exact mode. The first config
+# is used alone when autotuning is off (PERK_FAST_AUTOTUNE=0), so it is the safe all-rounder.
+# The down-projection reads x once per BLOCK_R columns of XA (BLOCK_R up to 128), so 8 warps
+# share its fp32 accumulator.
 def _fused_configs(wide: bool) -> list[triton.Config]:
     if wide:  # fp32 / fp64 inputs: FMA or tf32 dots, keep tiles small
         shapes = [(64, 64, 32, 4, 3), (64, 128, 32, 8, 3)]
@@ -481,7 +482,9 @@ class _FrozenLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, spec: _LoRASpec):
         ctx.save_for_backward(weight)
         ctx.spec = spec
-        return lora_forward(x, weight, None, None, None, scale=0.0, weight_layout=spec.weight_layout, precision=spec.precision)
+        return lora_forward(
+            x, weight, None, None, None, scale=0.0, weight_layout=spec.weight_layout, precision=spec.precision
+        )
 
     @staticmethod
     def backward(ctx, dy):

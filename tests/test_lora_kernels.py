@@ -284,7 +284,9 @@ def test_fp32_tf32_mode_is_accepted():
 
 
 @needs_triton
-@pytest.mark.parametrize("separate_lx,layout", [(False, "linear"), (True, "conv1d")], ids=["lx=x-linear", "lx=sep-conv1d"])
+@pytest.mark.parametrize(
+    "separate_lx,layout", [(False, "linear"), (True, "conv1d")], ids=["lx=x-linear", "lx=sep-conv1d"]
+)
 def test_gradcheck_and_gradgradcheck(separate_lx, layout):
     inp = make_inputs((2, 2, 3, 3, 2), dtype=torch.float64, layout=layout, separate_lx=separate_lx)
     leaves = inp.leaves()
