@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.distributed._tools.mem_tracker import MemTracker
+from perk_fast.profiling import DeviceMemTracker
 
 from perk_fast.kernels.linear_ce import default_chunk_size, linear_cross_entropy
 from perk_fast.kernels.linear_ce_ref import linear_cross_entropy_full
@@ -48,22 +48,6 @@ MODES = ("fwd_bwd", "fwd_bwd_hvp")
 # GEMMs of size N x V x d per mode: ours (logits + grad) and (+ logits, U W^T, grad) for the HVP
 GEMMS = {"fwd_bwd": 2, "fwd_bwd_hvp": 5}
 
-
-class DeviceMemTracker(MemTracker):
-    """MemTracker reduced to device totals: its per-module hooks raise on frozen parameters and on
-    autograd.grad inside a forward, and no module is involved here."""
-
-    def _pre_fw_hook(self, *args, **kwargs):
-        pass
-
-    def _post_fw_hook(self, *args, **kwargs):
-        pass
-
-    def _pre_bw_hook(self, *args, **kwargs):
-        pass
-
-    def _post_bw_hook(self, *args, **kwargs):
-        pass
 
 
 # the measured step ------------------------------------------------------------------------------

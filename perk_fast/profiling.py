@@ -11,27 +11,23 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+from torch.distributed._tools.mem_tracker import MemTracker
 
 
-def _device_only_tracker():
-    from torch.distributed._tools.mem_tracker import MemTracker
+class DeviceMemTracker(MemTracker):
+    """MemTracker reduced to its device totals (per-module hooks switched off)."""
 
-    class DeviceOnlyMemTracker(MemTracker):
-        """MemTracker without per-module hooks: only the device totals."""
+    def _pre_fw_hook(self, *args: Any, **kwargs: Any) -> None:
+        pass
 
-        def _pre_fw_hook(self, *args: Any, **kwargs: Any) -> None:
-            pass
+    def _post_fw_hook(self, *args: Any, **kwargs: Any) -> None:
+        pass
 
-        def _post_fw_hook(self, *args: Any, **kwargs: Any) -> None:
-            pass
+    def _pre_bw_hook(self, *args: Any, **kwargs: Any) -> None:
+        pass
 
-        def _pre_bw_hook(self, *args: Any, **kwargs: Any) -> None:
-            pass
-
-        def _post_bw_hook(self, *args: Any, **kwargs: Any) -> None:
-            pass
-
-    return DeviceOnlyMemTracker()
+    def _post_bw_hook(self, *args: Any, **kwargs: Any) -> None:
+        pass
 
 
 def peak_memory(fn: Callable[[], Any], device: torch.device | str = "cpu") -> tuple[Any, int]:
@@ -46,7 +42,7 @@ def peak_memory(fn: Callable[[], Any], device: torch.device | str = "cpu") -> tu
         return result, torch.cuda.max_memory_allocated(device) - before
     if device.type != "cpu":
         raise ValueError(f"peak_memory supports cpu and cuda devices, got {device}")
-    tracker = _device_only_tracker()
+    tracker = DeviceMemTracker()
     with tracker:
         result = fn()
     snapshot = tracker.get_tracker_snapshot("peak")

@@ -15,7 +15,7 @@ if not torch.cuda.is_available():  # before triton is imported; tests/conftest.p
 
 import pytest  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
-from torch.distributed._tools.mem_tracker import MemTracker  # noqa: E402
+from perk_fast.profiling import DeviceMemTracker  # noqa: E402
 
 from perk_fast.kernels import use_backend  # noqa: E402
 from perk_fast.kernels import linear_ce  # noqa: E402
@@ -243,21 +243,6 @@ def test_softcap_not_implemented():
 
 # memory ------------------------------------------------------------------------------------------
 
-class _DeviceMemTracker(MemTracker):
-    """MemTracker reduced to its device totals: its per-module hooks are not needed here."""
-
-    def _pre_fw_hook(self, *args, **kwargs):
-        pass
-
-    def _post_fw_hook(self, *args, **kwargs):
-        pass
-
-    def _pre_bw_hook(self, *args, **kwargs):
-        pass
-
-    def _post_bw_hook(self, *args, **kwargs):
-        pass
-
 
 def _peak_loss_backward_hvp(fn, n, d, vocab, fake):
     """Peak live bytes of loss + create_graph backward + Hessian-vector product."""
@@ -267,7 +252,7 @@ def _peak_loss_backward_hvp(fn, n, d, vocab, fake):
         labels = torch.randint(0, vocab, (n,))
         tw = torch.rand(n, requires_grad=True)
         adj = torch.randn(n, d)
-        tracker = _DeviceMemTracker()
+        tracker = DeviceMemTracker()
         tracker.track_external(hidden, weight, labels, tw, adj)
         with tracker:
             loss = fn(hidden, weight, labels, tw)
