@@ -21,11 +21,10 @@ So the gradients are also compared in fp64 on a reduced problem (same preset, T,
 4 segments, 2 per micro-batch; ``--no-fp64-check`` to skip), where they agree to ~1e-9.
 
 Peak memory is the peak of the bytes allocated *during* the step above what was resident before it
-(model weights, meta-parameters). It therefore includes ``higher``'s copy of the base weights, which
-the reference makes at every ``innerloop_ctx``. CPU: ``MemTracker`` (live tensor storages created
-inside its context; its per-module hooks are turned off because they raise on frozen parameters and
-on ``autograd.grad`` inside a forward), in a separate untimed run, which also warms the caches.
-CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``; time from CUDA events.
+(model weights, meta-parameters), from ``perk_fast.profiling.peak_memory``: on CPU ``MemTracker``'s
+live tensor bytes (device totals only), on CUDA ``max_memory_allocated``. It therefore includes
+``higher``'s copy of the base weights, which the reference makes at every ``innerloop_ctx``. The
+memory run is separate and untimed (it also warms up); time on CUDA comes from CUDA events.
 
 Models are built from real configs with random weights (``--preset``): ``small`` (default, CPU-sized:
 GPT-2 with 4 layers, hidden 256, vocab 50257), ``gpt2`` (124M), ``qwen2.5-0.5b``. Data are synthetic
@@ -56,13 +55,13 @@ import time
 from pathlib import Path
 
 import torch
-from torch.distributed._tools.mem_tracker import MemTracker
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the reference implementation lives beside its tests
 
 from perk_fast import PerkConfig, PerkModel  # noqa: E402
 from perk_fast.lora import remove_lora  # noqa: E402
+from perk_fast.profiling import peak_memory  # noqa: E402
 from perk_reference import ReferencePerk  # noqa: E402
 
 MODES = ("reference", "unrolled", "checkpointed")
@@ -137,23 +136,6 @@ def make_data(tokenizer: WordTokenizer, n_contexts: int, segments: int, segment_
 
 
 # ---------------------------------------------------------------------------------------- measuring
-class DeviceMemTracker(MemTracker):
-    """MemTracker reduced to its device totals: the per-module hooks raise on frozen parameters
-    and on autograd.grad inside a forward, and per-module numbers are not needed here."""
-
-    def _pre_fw_hook(self, *args, **kwargs):
-        pass
-
-    def _post_fw_hook(self, *args, **kwargs):
-        pass
-
-    def _pre_bw_hook(self, *args, **kwargs):
-        pass
-
-    def _post_bw_hook(self, *args, **kwargs):
-        pass
-
-
 def is_oom(err: BaseException) -> bool:
     """CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError / MemoryError."""
     if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
@@ -205,18 +187,8 @@ def measure(bench: Bench, mode: str, repeats: int, device: str) -> dict:
     try:
         gc.collect()
         if device == "cuda":
-            torch.cuda.synchronize()
             torch.cuda.empty_cache()
-            before = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            loss, grads = bench.step(mode)
-            torch.cuda.synchronize()
-            out["peak_bytes"] = torch.cuda.max_memory_allocated() - before
-        else:
-            with DeviceMemTracker() as tracker:
-                loss, grads = bench.step(mode)
-            peak = tracker.get_tracker_snapshot("peak")
-            out["peak_bytes"] = max((snap.get("Total", 0) for snap in peak.values()), default=0)
+        (loss, grads), out["peak_bytes"] = peak_memory(lambda: bench.step(mode), device)
         out["loss"] = loss
         grads = {n: None if g is None else g.detach().clone() for n, g in grads.items()}
         times = []
