@@ -2,8 +2,11 @@
 
 The plain unrolled inner loop keeps, for every step, the activations and the
 backward graph of the gradient: memory ~ T x context length. Here the inner loop
-runs forward with no second-order graph and keeps only adapter-sized state per step,
-``(p_t, m_t, v_t, g_t)``. The outer backward then walks the steps in reverse:
+runs forward with no second-order graph and keeps one adapter-sized tensor per step,
+the inner gradient g_t. Everything else is recomputed: (p_t, m_t, v_t) by replaying the
+cheap elementwise updates from p_0 (bit-identical values), the second-order terms by
+replaying the model one micro-batch at a time. The outer backward walks the steps in
+reverse:
 
 1. The optimiser update ``p_{t+1}, m_{t+1}, v_{t+1} = U(p_t, g_t, m_t, v_t, lr_t)`` is
    elementwise, so its vector-Jacobian product is a tiny autograd call on
@@ -47,41 +50,45 @@ class _CheckpointedInnerLoop(torch.autograd.Function):
         init, weighting = tensors[:n_init], tensors[n_init:]
         config = model.config
         opt = InnerOptimizer(config)
-        params = [t.detach().unsqueeze(0).expand(n_contexts, *t.shape).clone() for t in init]
+        params = [t.detach().unsqueeze(0).expand(n_contexts, *t.shape) for t in init]
         states = opt.init_state(params)
-        saved = []
+        grads_per_step = []
         for t in range(config.inner_steps):
             leaves = [p.detach().requires_grad_(True) for p in params]
             grads = step_gradient(model, leaves, micro_batches, t, create_graph=False, seed=seed)
-            saved.append((params, states, grads))
+            grads_per_step.append(grads)
             with torch.no_grad():
                 params, states = opt.step(params, grads, states, lrs[:, t].detach(), t)
         ctx.model, ctx.micro_batches, ctx.seed, ctx.n_init = model, micro_batches, seed, n_init
-        ctx.saved_steps = saved
+        ctx.n_contexts = n_contexts
+        ctx.grads_per_step = grads_per_step
         ctx.weighting = weighting
-        ctx.save_for_backward(lrs)
+        ctx.save_for_backward(lrs, *init)
         return tuple(params)
 
     @staticmethod
     def backward(ctx, *p_bar):
-        (lrs,) = ctx.saved_tensors
+        lrs, *init = ctx.saved_tensors
         model, config = ctx.model, ctx.model.config
         opt = InnerOptimizer(config)
-        saved = ctx.saved_steps
+        grads_per_step = ctx.grads_per_step
         weighting = list(ctx.weighting)
         need_w = any(ctx.needs_input_grad[6 + ctx.n_init:])
-        p_bar = [torch.zeros_like(p) if g is None else g for g, p in zip(p_bar, saved[-1][0])]
-        s_bar = [tuple(torch.zeros_like(x) for x in s) for s in saved[-1][1]]
+        p0 = [t.detach().unsqueeze(0).expand(ctx.n_contexts, *t.shape) for t in init]
+        s0 = opt.init_state(p0)
+        p_bar = [torch.zeros_like(p) if g is None else g for g, p in zip(p_bar, p0)]
+        s_bar = [tuple(torch.zeros_like(x) for x in s) for s in s0]
         lr_bar = torch.zeros_like(lrs)
         w_bar = [torch.zeros_like(w) for w in weighting]
         for t in reversed(range(config.inner_steps)):
-            params, states, grads = saved[t]
+            params, states = _replay_updates(opt, p0, s0, grads_per_step, lrs, t)
+            grads = grads_per_step[t]
             p_bar, s_bar, g_bar, lr_bar[:, t] = _update_vjp(opt, params, states, grads, lrs[:, t], t, p_bar, s_bar)
             if config.second_order_step(t):
                 hvp_p, hvp_w = _replay_hvp(model, params, ctx.micro_batches, t, ctx.seed, g_bar, weighting, need_w)
                 p_bar = [a + b for a, b in zip(p_bar, hvp_p)]
                 w_bar = [a + b for a, b in zip(w_bar, hvp_w)]
-        ctx.saved_steps = None  # free the checkpoints as soon as they are consumed
+        ctx.grads_per_step = None  # free the checkpoints as soon as they are consumed
         init_bar = [pb.sum(0) for pb in p_bar]
         return (
             None,  # model
@@ -93,6 +100,19 @@ class _CheckpointedInnerLoop(torch.autograd.Function):
             *init_bar,
             *(w_bar if need_w else [None] * len(weighting)),
         )
+
+
+def _replay_updates(opt: InnerOptimizer, p0, s0, grads_per_step, lrs, t):
+    """(p_t, state_t) recomputed from p_0 and the stored g_0..g_{t-1}.
+
+    The same elementwise updates on the same inputs as the forward, so the values are
+    bit-identical; O(t) adapter-sized updates, negligible next to one model pass.
+    """
+    params, states = p0, s0
+    with torch.no_grad():
+        for k in range(t):
+            params, states = opt.step(params, grads_per_step[k], states, lrs[:, k].detach(), k)
+    return params, states
 
 
 def _update_vjp(opt: InnerOptimizer, params, states, grads, lrs_t, t, p_bar, s_bar):
