@@ -1,0 +1,376 @@
+"""Train the demo model shipped in ``perk_fast/assets/demo`` (CPU, seeded, reproducible).
+
+    python -m perk_fast.demo_train                 # the shipped recipe, writes perk_fast/assets/demo
+    python -m perk_fast.demo_train --out /tmp/x    # same recipe elsewhere
+    python -m perk_fast.demo_train --meta-steps 300 --eval-n 16 --out /tmp/x   # a quick look
+
+Three stages, every one from the seeded generators of :mod:`perk_fast.tasks` (needle in a haystack,
+contexts of ``train_len`` byte tokens, fact anywhere):
+
+1. **Base LM.** A small Llama-shaped causal LM (RoPE, byte tokenizer) learns the task's language
+   as a plain language model on context segments (``doc_i: text<eos>``, what PERK's inner loop
+   reads). No questions, no answers.
+2. **PERK.** The LM gets a LoRA memory and is meta-trained: each step writes ``meta_batch``
+   contexts into their own adapters (``inner_steps`` AdamW steps, second order through every
+   step) and scores the questions from those memories. The meta-parameters (LoRA init, learned
+   inner learning rates, token-weighting model) *and the base weights* are trained together --
+   a model this small, trained from scratch for minutes, has no general reading skill to keep
+   frozen, and a frozen base learned several times slower here (``--base-lr 0`` reproduces that).
+   ``perk_fast.meta_train`` optimises only the meta-parameters with one learning rate, so this
+   script runs the same outer loop (warmup + cosine, clipping, per-step seeds) over three
+   parameter groups: meta-parameters, learned learning rates (a small absolute step: they are
+   ~1e-3), base weights.
+3. **FT-ICR baseline.** A copy of the stage-1 LM fine-tuned (all weights) with
+   :func:`perk_fast.evaluate.finetune_in_context` on the *same* examples, steps and batch size,
+   with the context in its prompt.
+
+Held-out evaluation (seeds never used above) at ``train_len`` and 4x it, needle pre/mid/post, for
+PERK, plain test-time training on the stage-1 base (a fresh PerkModel: no meta-learning) and
+FT-ICR. Base weights are stored in fp16 (and rounded to fp16 *before* the final evaluation, so the
+numbers are those of the shipped files); meta-parameters stay fp32. ``train_report.json`` holds the
+recipe, the stage times and the numbers.
+
+Seeds (string seeds of ``tasks.generate``): ``demo-lm`` (LM corpus), ``demo-train`` (PERK and
+FT-ICR examples), ``demo-dev`` (monitoring during training, used for the recipe choices),
+``demo-eval`` (the final numbers and the demo; never looked at while choosing the recipe).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import platform
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .config import PerkConfig
+from .data import build_segments, pad_rows
+from .evaluate import evaluate, evaluate_in_context, finetune_in_context, sweep
+from .model import PerkModel
+from .tasks import generate
+from .tokenizer import ByteTokenizer
+
+ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo")
+SEEDS = {"lm": "demo-lm", "train": "demo-train", "dev": "demo-dev", "eval": "demo-eval"}
+
+
+@dataclass
+class DemoRecipe:
+    """Everything that defines the demo model (stored in ``train_report.json``)."""
+
+    # data
+    task: str = "needle"
+    train_len: int = 256
+    doc_tokens: int = 120
+    eval_lengths: tuple[int, ...] = (256, 1024)
+    eval_positions: tuple[str, ...] = ("pre", "mid", "post")
+    # base model (transformers LlamaConfig fields)
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    intermediate_size: int = 192
+    max_position_embeddings: int = 4096
+    # stage 1: language model
+    lm_contexts: int = 2000
+    lm_steps: int = 400
+    lm_batch: int = 32
+    lm_lr: float = 3e-3
+    # stage 2: PERK
+    perk: dict = field(default_factory=lambda: dict(
+        inner_steps=4, inner_lr=1e-3, inner_optimizer="adamw", unroll="full", meta_grad="unrolled",
+        segment_len=128, segments_per_step=16, lora_rank=8, lora_alpha=32.0, lm_head_loss="full",
+        outer_weight_decay=0.01, warmup_proportion=0.03, max_grad_norm=1.0, seed=0,
+    ))
+    meta_steps: int = 1500
+    meta_batch: int = 8
+    meta_lr: float = 1e-3
+    lr_lr: float = 5e-5
+    base_lr: float = 3e-4
+    # stage 3: FT-ICR (same examples, steps and batch as stage 2)
+    icr_lr: float = 3e-4
+    # evaluation
+    eval_n: int = 64
+    dev_n: int = 24
+    dev_every: int = 250
+    eval_seed: str = SEEDS["eval"]
+    seed: int = 0
+    threads: int = 2
+
+    def perk_config(self) -> PerkConfig:
+        return PerkConfig(**self.perk)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- models
+def build_base(recipe: DemoRecipe, tokenizer: ByteTokenizer) -> torch.nn.Module:
+    """A randomly initialised Llama-shaped LM (seeded)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=recipe.hidden_size, num_hidden_layers=recipe.num_hidden_layers,
+        num_attention_heads=recipe.num_attention_heads, num_key_value_heads=recipe.num_attention_heads,
+        intermediate_size=recipe.intermediate_size, max_position_embeddings=recipe.max_position_embeddings,
+        tie_word_embeddings=True, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, attn_implementation="sdpa",
+    )
+    torch.manual_seed(recipe.seed)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def round_to_fp16(model: torch.nn.Module) -> torch.nn.Module:
+    """Round every weight to fp16 in place (kept fp32): what the fp16 files will hold."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().float())
+    return model
+
+
+def save_base(model: torch.nn.Module, path: str) -> None:
+    """Write ``config.json`` + ``model.safetensors`` with fp16 weights."""
+    half = copy.deepcopy(model).half()
+    half.save_pretrained(path)
+
+
+def load_base(path: str) -> torch.nn.Module:
+    """Load a base saved by :func:`save_base` (fp32 in memory), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+# ----------------------------------------------------------------------------- stage 1
+def lm_rows(recipe: DemoRecipe, tokenizer: ByteTokenizer) -> list[list[int]]:
+    """Context segments of the LM corpus, as PERK's inner loop sees them (random doc ids)."""
+    segment_len = recipe.perk["segment_len"]
+    rng = random.Random(f"{SEEDS['lm']}/doc-ids")
+    rows = []
+    examples = generate(recipe.task, recipe.lm_contexts, seed=SEEDS["lm"], context_tokens=recipe.train_len,
+                        doc_tokens=recipe.doc_tokens)
+    for ex in examples:
+        rows += [ids for ids, _ in build_segments(tokenizer, ex.context, segment_len, rng).segments]
+    return rows
+
+
+def _cosine(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+
+def pretrain_lm(model, tokenizer, recipe: DemoRecipe, log=print) -> list[dict]:
+    """Plain next-token training on :func:`lm_rows` (AdamW, warmup + cosine)."""
+    rows = lm_rows(recipe, tokenizer)
+    rng = random.Random(f"{SEEDS['lm']}/batches")
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lm_lr, betas=(0.9, 0.95), weight_decay=0.1)
+    warmup = max(1, recipe.lm_steps // 20)
+    history = []
+    model.train()
+    for step in range(recipe.lm_steps):
+        for g in opt.param_groups:
+            g["lr"] = recipe.lm_lr * _cosine(step, recipe.lm_steps, warmup)
+        batch = [rows[rng.randrange(len(rows))] for _ in range(recipe.lm_batch)]
+        ids = pad_rows(batch, tokenizer.pad_token_id)
+        labels = pad_rows(batch, -100)
+        loss = model(input_ids=ids, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        history.append({"step": step + 1, "loss": float(loss.detach())})
+        if (step + 1) % 100 == 0 or step + 1 == recipe.lm_steps:
+            log(f"  lm step {step + 1}/{recipe.lm_steps}  loss {history[-1]['loss']:.4f} nats/byte")
+    model.eval()
+    return history
+
+
+# ----------------------------------------------------------------------------- stage 2
+def meta_train_joint(perk_model: PerkModel, dataset: list, recipe: DemoRecipe, *, dev=None, log=print) -> list[dict]:
+    """PERK's outer loop over meta-parameters and (``base_lr > 0``) the base weights.
+
+    Same step as ``perk_fast.meta_train`` (``PerkModel.meta_loss`` on a batch of contexts, a
+    per-step seed, warmup + cosine, norm clipping), with three AdamW parameter groups.
+    """
+    cfg = perk_model.config
+    meta = list(perk_model.lora_A) + list(perk_model.lora_B)
+    if perk_model.weighting is not None:
+        meta += list(perk_model.weighting.parameters())
+    groups = [{"params": meta, "lr": recipe.meta_lr, "weight_decay": cfg.outer_weight_decay}]
+    if isinstance(perk_model.inner_lrs, torch.nn.Parameter):
+        groups.append({"params": [perk_model.inner_lrs], "lr": recipe.lr_lr, "weight_decay": 0.0})
+    if recipe.base_lr > 0:
+        base = list(perk_model.hf_model.parameters())
+        for p in base:
+            p.requires_grad_(True)
+        groups.append({"params": base, "lr": recipe.base_lr, "weight_decay": cfg.outer_weight_decay})
+    for g in groups:
+        g["peak_lr"] = g["lr"]
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, betas=cfg.outer_betas, eps=cfg.outer_eps)
+    total = recipe.meta_steps
+    warmup = max(1, math.ceil(cfg.warmup_proportion * total))
+    history = []
+    start = time.perf_counter()
+    for step in range(total):
+        batch = dataset[step * recipe.meta_batch : (step + 1) * recipe.meta_batch]
+        factor = _cosine(step, total, warmup)
+        for g in opt.param_groups:
+            g["lr"] = g["peak_lr"] * factor
+        perk_model.train(True)
+        loss = perk_model.meta_loss([e.context for e in batch], [e.question for e in batch],
+                                    [e.answer for e in batch], seed=cfg.seed * 1_000_003 + step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        loss_value, grad_value = loss.item(), grad_norm.item()
+        if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
+            raise FloatingPointError(f"meta step {step + 1}: non-finite loss {loss_value} or gradient {grad_value}")
+        opt.step()
+        inner = perk_model.last_inner_losses
+        record = {"step": step + 1, "loss": loss_value, "grad_norm": grad_value,
+                  "inner_loss_first": inner[0], "inner_loss_last": inner[-1], "lr_factor": factor}
+        perk_model.train(False)
+        if dev is not None and ((step + 1) % recipe.dev_every == 0 or step + 1 == total):
+            record["dev_exact_match"] = evaluate(perk_model, dev, max_new_tokens=8, progress=False)["exact_match"]
+        history.append(record)
+        if (step + 1) % 50 == 0 or "dev_exact_match" in record:
+            recent = history[-50:]
+            msg = (f"  meta step {step + 1}/{total}  loss {sum(r['loss'] for r in recent) / len(recent):.4f}"
+                   f"  {time.perf_counter() - start:.0f}s")
+            if "dev_exact_match" in record:
+                msg += f"  dev EM {100 * record['dev_exact_match']:.1f}%"
+            log(msg)
+    perk_model.train(False)
+    return history
+
+
+# ----------------------------------------------------------------------------- evaluation
+def eval_systems(perk_model, ttt_model, icr_model, tokenizer, recipe: DemoRecipe, *, n: int, seed: str,
+                 out_dir: str | None = None, verbose: bool = True) -> dict:
+    """The demo's table: PERK, plain TTT and FT-ICR over ``eval_lengths`` x ``eval_positions``."""
+    import functools
+
+    systems = {
+        "PERK": perk_model,
+        "TTT (no meta)": ttt_model,
+        "FT-ICR": functools.partial(evaluate_in_context, icr_model, tokenizer, max_new_tokens=8, progress=False),
+    }
+    return sweep(systems, task=recipe.task, lengths=recipe.eval_lengths, positions=recipe.eval_positions, n=n,
+                 seed=seed, max_new_tokens=8, out_dir=out_dir, verbose=verbose, doc_tokens=recipe.doc_tokens)
+
+
+# ----------------------------------------------------------------------------- main
+def train(recipe: DemoRecipe, out_dir: str, log=print) -> dict:
+    """Run the three stages, evaluate on held-out seeds, write everything to ``out_dir``."""
+    torch.set_num_threads(recipe.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    tokenizer = ByteTokenizer()
+    times = {}
+    t_all = time.perf_counter()
+
+    log(f"[1/3] base LM: Llama d={recipe.hidden_size} x {recipe.num_hidden_layers} layers, "
+        f"{recipe.lm_steps} steps")
+    t = time.perf_counter()
+    base = build_base(recipe, tokenizer)
+    lm_history = pretrain_lm(base, tokenizer, recipe, log=log)
+    round_to_fp16(base)
+    times["lm_s"] = time.perf_counter() - t
+    n_params = sum(p.numel() for p in base.parameters())
+
+    dataset = generate(recipe.task, recipe.meta_steps * recipe.meta_batch, seed=SEEDS["train"],
+                       context_tokens=recipe.train_len, doc_tokens=recipe.doc_tokens)
+    dev = generate(recipe.task, recipe.dev_n, seed=SEEDS["dev"], context_tokens=recipe.train_len,
+                   doc_tokens=recipe.doc_tokens)
+
+    log(f"[2/3] PERK meta-training: {recipe.meta_steps} steps x {recipe.meta_batch} contexts "
+        f"(base {'trained jointly' if recipe.base_lr > 0 else 'frozen'})")
+    t = time.perf_counter()
+    perk_base = copy.deepcopy(base)
+    perk_model = PerkModel(perk_base, tokenizer, recipe.perk_config())
+    meta_history = meta_train_joint(perk_model, dataset, recipe, dev=dev, log=log)
+    for p in perk_base.parameters():
+        p.requires_grad_(False)
+    round_to_fp16(perk_base)
+    times["perk_s"] = time.perf_counter() - t
+
+    log(f"[3/3] FT-ICR baseline: same {recipe.meta_steps} steps x {recipe.meta_batch} examples, context in prompt")
+    t = time.perf_counter()
+    icr = copy.deepcopy(base)
+    icr_history = finetune_in_context(icr, tokenizer, dataset, steps=recipe.meta_steps, batch_size=recipe.meta_batch,
+                                      lr=recipe.icr_lr, seed=recipe.seed, progress=False)
+    for p in icr.parameters():
+        p.requires_grad_(False)
+    round_to_fp16(icr)
+    times["icr_s"] = time.perf_counter() - t
+    times["train_total_s"] = time.perf_counter() - t_all
+
+    log(f"saving to {out_dir}")
+    os.makedirs(out_dir, exist_ok=True)
+    tokenizer.save_pretrained(os.path.join(out_dir, "tokenizer"))
+    save_base(base, os.path.join(out_dir, "base"))
+    save_base(perk_base, os.path.join(out_dir, "perk", "base"))
+    perk_model.save(os.path.join(out_dir, "perk"))
+    save_base(icr, os.path.join(out_dir, "icr"))
+
+    log(f"held-out evaluation (seed {recipe.eval_seed!r}, n={recipe.eval_n} per cell)")
+    t = time.perf_counter()
+    ttt_model = PerkModel(load_base(os.path.join(out_dir, "base")), tokenizer, recipe.perk_config())
+    final = eval_systems(perk_model, ttt_model, icr, tokenizer, recipe, n=recipe.eval_n, seed=recipe.eval_seed,
+                         out_dir=os.path.join(out_dir, "eval") if recipe.eval_n else None)
+    times["eval_s"] = time.perf_counter() - t
+
+    report = {
+        "recipe": recipe.to_dict(),
+        "seeds": SEEDS,
+        "base_parameters": n_params,
+        "times_s": {k: round(v, 1) for k, v in times.items()},
+        "threads": recipe.threads,
+        "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor()
+                    or platform.machine(), "cpu_count": os.cpu_count()},
+        "lm_final_loss": sum(r["loss"] for r in lm_history[-20:]) / 20,
+        "perk_history": meta_history[:: max(1, len(meta_history) // 100)] + meta_history[-1:],
+        "icr_final_loss": sum(r["loss"] for r in icr_history[-20:]) / 20,
+        "eval": {k: final[k] for k in ("task", "seed", "n", "lengths", "positions", "metric", "results", "table")},
+    }
+    with open(os.path.join(out_dir, "train_report.json"), "w", encoding="utf-8") as fh:
+        json.dump(report, fh, indent=2, default=str)
+    log(f"training {times['train_total_s'] / 60:.1f} min (LM {times['lm_s']:.0f}s, PERK {times['perk_s']:.0f}s, "
+        f"FT-ICR {times['icr_s']:.0f}s); evaluation {times['eval_s']:.0f}s")
+    return report
+
+
+def _parse(argv=None) -> tuple[DemoRecipe, str]:
+    recipe = DemoRecipe()
+    ap = argparse.ArgumentParser(prog="python -m perk_fast.demo_train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=ASSETS_DIR, help="output directory (default: the shipped assets)")
+    for name in ("lm_steps", "meta_steps", "meta_batch", "eval_n", "dev_n", "dev_every", "threads",
+                 "hidden_size", "num_hidden_layers", "intermediate_size", "train_len", "doc_tokens"):
+        ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(recipe, name))
+    for name in ("meta_lr", "base_lr", "lr_lr", "icr_lr", "lm_lr"):
+        ap.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(recipe, name))
+    ap.add_argument("--eval-seed", default=recipe.eval_seed, help="seed of the held-out evaluation data")
+    ap.add_argument("--perk", default="{}", help="JSON dict of PerkConfig fields overriding the recipe's")
+    args = ap.parse_args(argv)
+    changes = {k: v for k, v in vars(args).items() if k not in ("out", "perk")}
+    perk = dict(recipe.perk, **json.loads(args.perk))
+    return dataclasses.replace(recipe, perk=perk, **changes), args.out
+
+
+def main(argv=None) -> dict:
+    recipe, out = _parse(argv)
+    return train(recipe, out)
+
+
+if __name__ == "__main__":
+    main()
