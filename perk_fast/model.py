@@ -29,6 +29,7 @@ from .data import (
     make_micro_batches,
     pad_id,
     pad_rows,
+    query_prompt,
 )
 from .inner import run_inner_loop
 from .lora import ActiveAdapters, AdapterSlot, init_lora_tensors, inject_lora
@@ -364,8 +365,6 @@ class PerkModel(nn.Module):
             memory = memory.expand(n)
         elif len(memory) != n:
             raise ValueError(f"{n} questions for a memory of {len(memory)} contexts: pass one per context, or one memory")
-        from .data import query_prompt
-
         prompts = [self.tokenizer.encode(query_prompt(q, memory.n_docs[i]), add_special_tokens=False)
                    for i, q in enumerate(questions)]
         pad = pad_id(self.tokenizer)
