@@ -77,13 +77,9 @@ class Memory:
         """Read a memory saved with :meth:`save`; with ``perk_model``, check it belongs to it."""
         from safetensors.torch import load_file
 
-        header_path = os.path.join(path, "memory.json")
-        if not os.path.exists(header_path):
-            raise FileNotFoundError(f"{header_path} not found: not a saved Memory directory")
-        with open(header_path) as fh:
-            header = json.load(fh)
-        if header.get("format") != "perk_fast.Memory":
-            raise ValueError(f"{header_path}: format {header.get('format')!r} is not a perk_fast.Memory")
+        from .model import read_header
+
+        header = read_header(path, "memory.json", "perk_fast.Memory")
         raw = load_file(os.path.join(path, "memory.safetensors"))
         tensors = [raw[f"t{i}"] for i in range(len(raw))]
         memory = cls(tensors, list(header["n_docs"]), header["base_model"], list(header["sites"]), header.get("info", {}))

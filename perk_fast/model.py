@@ -56,6 +56,18 @@ def model_fingerprint(hf_model: nn.Module) -> dict[str, Any]:
     return {"model_type": cfg.get("model_type"), "config_sha": config_hash, "weights_sha": weights_hash}
 
 
+def read_header(path: str | os.PathLike, name: str, fmt: str) -> dict[str, Any]:
+    """The JSON header ``name`` of a saved directory, checked to be of format ``fmt``."""
+    header_path = os.path.join(path, name)
+    if not os.path.exists(header_path):
+        raise FileNotFoundError(f"{header_path} not found: not a saved {fmt.split('.')[-1]} directory")
+    with open(header_path) as fh:
+        header = json.load(fh)
+    if header.get("format") != fmt:
+        raise ValueError(f"{header_path}: format {header.get('format')!r} is not a {fmt}")
+    return header
+
+
 def check_fingerprint(expected: dict[str, Any], hf_model: nn.Module, what: str) -> None:
     """Raise ValueError if ``hf_model`` is not the base model ``expected`` describes."""
     actual = model_fingerprint(hf_model)
@@ -407,13 +419,7 @@ class PerkModel(nn.Module):
         """Rebuild a PerkModel saved with :meth:`save` on ``hf_model`` (checked to be the same base)."""
         from safetensors.torch import load_file
 
-        header_path = os.path.join(path, "perk_model.json")
-        if not os.path.exists(header_path):
-            raise FileNotFoundError(f"{header_path} not found: not a saved PerkModel directory")
-        with open(header_path) as fh:
-            header = json.load(fh)
-        if header.get("format") != "perk_fast.PerkModel":
-            raise ValueError(f"{header_path}: format {header.get('format')!r} is not a perk_fast.PerkModel")
+        header = read_header(path, "perk_model.json", "perk_fast.PerkModel")
         check_fingerprint(header["base_model"], hf_model, f"PerkModel at {path}")
         model = cls(hf_model, tokenizer, PerkConfig.from_dict(header["config"]))
         tensors = load_file(os.path.join(path, "meta_parameters.safetensors"))

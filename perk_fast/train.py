@@ -81,10 +81,9 @@ def _save_checkpoint(path: str, perk_model: PerkModel, optimizer, step: int, his
 def _load_checkpoint(path: str, perk_model: PerkModel, optimizer) -> tuple[int, list]:
     from safetensors.torch import load_file
 
-    from .model import check_fingerprint
+    from .model import check_fingerprint, read_header
 
-    with open(os.path.join(path, "perk_model.json")) as fh:
-        header = json.load(fh)
+    header = read_header(path, "perk_model.json", "perk_fast.PerkModel")
     check_fingerprint(header["base_model"], perk_model.hf_model, f"checkpoint {path}")
     if header["config"] != perk_model.config.to_dict():
         raise ValueError(f"checkpoint {path} was written with a different PerkConfig: {header['config']}")
