@@ -69,6 +69,8 @@ class DemoRecipe:
     task: str = "needle"
     train_len: int = 256
     doc_tokens: int = 120
+    distractors: tuple[int, ...] = (0, 1, 2, 3)
+    plain_steps: int = 500
     eval_lengths: tuple[int, ...] = (256, 1024)
     eval_positions: tuple[str, ...] = ("pre", "mid", "post")
     # base model (transformers LlamaConfig fields)
@@ -88,7 +90,7 @@ class DemoRecipe:
         segment_len=128, segments_per_step=16, lora_rank=8, lora_alpha=32.0, lm_head_loss="full",
         outer_weight_decay=0.01, warmup_proportion=0.03, max_grad_norm=1.0, seed=0,
     ))
-    meta_steps: int = 1500
+    meta_steps: int = 2000
     meta_batch: int = 8
     meta_lr: float = 1e-3
     lr_lr: float = 5e-5
@@ -147,15 +149,37 @@ def load_base(path: str) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
+# ----------------------------------------------------------------------------- data
+def task_examples(recipe: DemoRecipe, n: int, seed: str, context_tokens: int | None = None, **kw) -> list:
+    """``n`` examples at ``context_tokens`` (default ``train_len``), cycling through ``recipe.distractors``:
+    example i has ``distractors[i % k]`` further needles (other people, other codes), so the memory must
+    bind each code to its person. Each count has its own seed stream (``<seed>/d<count>``)."""
+    length = recipe.train_len if context_tokens is None else context_tokens
+    k = len(recipe.distractors)
+    parts = [generate(recipe.task, (n - j + k - 1) // k, seed=f"{seed}/d{d}", context_tokens=length,
+                      doc_tokens=recipe.doc_tokens, n_distractors=d, **kw)
+             for j, d in enumerate(recipe.distractors)]
+    return [parts[i % k][i // k] for i in range(n)]
+
+
+def training_set(recipe: DemoRecipe) -> list:
+    """Examples of stages 2 and 3, in training order: ``plain_steps`` batches of single needles (the
+    memory learns to hold a code), then needles among 0..3 distractor needles (it learns whose code
+    it is). Both stages see exactly this list."""
+    n_plain = min(recipe.plain_steps, recipe.meta_steps) * recipe.meta_batch
+    n_mixed = recipe.meta_steps * recipe.meta_batch - n_plain
+    plain = generate(recipe.task, n_plain, seed=SEEDS["train"], context_tokens=recipe.train_len,
+                     doc_tokens=recipe.doc_tokens)
+    return plain + task_examples(recipe, n_mixed, SEEDS["train"])
+
+
 # ----------------------------------------------------------------------------- stage 1
 def lm_rows(recipe: DemoRecipe, tokenizer: ByteTokenizer) -> list[list[int]]:
     """Context segments of the LM corpus, as PERK's inner loop sees them (random doc ids)."""
     segment_len = recipe.perk["segment_len"]
     rng = random.Random(f"{SEEDS['lm']}/doc-ids")
     rows = []
-    examples = generate(recipe.task, recipe.lm_contexts, seed=SEEDS["lm"], context_tokens=recipe.train_len,
-                        doc_tokens=recipe.doc_tokens)
-    for ex in examples:
+    for ex in task_examples(recipe, recipe.lm_contexts, SEEDS["lm"]):
         rows += [ids for ids, _ in build_segments(tokenizer, ex.context, segment_len, rng).segments]
     return rows
 
@@ -288,10 +312,8 @@ def train(recipe: DemoRecipe, out_dir: str, log=print) -> dict:
     times["lm_s"] = time.perf_counter() - t
     n_params = sum(p.numel() for p in base.parameters())
 
-    dataset = generate(recipe.task, recipe.meta_steps * recipe.meta_batch, seed=SEEDS["train"],
-                       context_tokens=recipe.train_len, doc_tokens=recipe.doc_tokens)
-    dev = generate(recipe.task, recipe.dev_n, seed=SEEDS["dev"], context_tokens=recipe.train_len,
-                   doc_tokens=recipe.doc_tokens)
+    dataset = training_set(recipe)
+    dev = task_examples(recipe, recipe.dev_n, SEEDS["dev"])
 
     log(f"[2/3] PERK meta-training: {recipe.meta_steps} steps x {recipe.meta_batch} contexts "
         f"(base {'trained jointly' if recipe.base_lr > 0 else 'frozen'})")
@@ -354,7 +376,7 @@ def _parse(argv=None) -> tuple[DemoRecipe, str]:
     recipe = DemoRecipe()
     ap = argparse.ArgumentParser(prog="python -m perk_fast.demo_train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=ASSETS_DIR, help="output directory (default: the shipped assets)")
-    for name in ("lm_steps", "meta_steps", "meta_batch", "eval_n", "dev_n", "dev_every", "threads",
+    for name in ("lm_steps", "meta_steps", "plain_steps", "meta_batch", "eval_n", "dev_n", "dev_every", "threads",
                  "hidden_size", "num_hidden_layers", "intermediate_size", "train_len", "doc_tokens"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(recipe, name))
     for name in ("meta_lr", "base_lr", "lr_lr", "icr_lr", "lm_lr"):
