@@ -66,14 +66,23 @@ def load_demo(assets_dir: str = ASSETS_DIR) -> Demo:
     return Demo(perk, ttt, icr, tokenizer, recipe, report)
 
 
-def memory_round_trip(demo: Demo, *, n_facts: int = 3, seed: str = "demo-memory", log=print) -> dict:
-    """Encode one context (``n_facts`` secret codes of different people) once, save and reload the
-    Memory, then answer one question per person from that single memory."""
+# Phrasings of the needle question; only the first one occurs in training.
+PARAPHRASES = (
+    "What is the secret code of {name}?",
+    "What is {name}'s secret code?",
+    "Which code does {name} have?",
+    "Tell me the secret code of {name}.",
+)
+
+
+def memory_round_trip(demo: Demo, *, seed: str = "demo-memory", log=print) -> dict:
+    """Encode one held-out context once, save the Memory, load it back, and answer several
+    questions (phrasings of the needle question, three of them never seen in training) from that
+    single memory -- one ``generate`` call, the memory broadcast to every question."""
     recipe = demo.recipe
-    ex = generate(recipe.task, 1, seed=seed, context_tokens=recipe.train_len, doc_tokens=recipe.doc_tokens,
-                  n_distractors=n_facts - 1)[0]
-    facts = [s.strip() for doc in ex.context for s in doc.split(".") if "secret code" in s]
-    pairs = [(f.split(" of ")[1].split(" is ")[0], f.split(" is ")[1]) for f in facts]
+    ex = generate(recipe.task, 1, seed=seed, context_tokens=recipe.train_len, position="mid",
+                  doc_tokens=recipe.doc_tokens)[0]
+    name = ex.question[len("What is the secret code of "):-1]
     memory = encode(demo.perk, [ex.context])
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "memory")
@@ -81,23 +90,19 @@ def memory_round_trip(demo: Demo, *, n_facts: int = 3, seed: str = "demo-memory"
         size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
         loaded = Memory.load(path, demo.perk)
     same = all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(memory.tensors, loaded.tensors))
-    questions = [f"What is the secret code of {name}?" for name, _ in pairs]
+    questions = [p.format(name=name) for p in PARAPHRASES]
     answers = [cut_answer(a) for a in demo.perk.generate(loaded, questions, max_new_tokens=8)]
-    log(f"\nOne context ({sum(len(d.encode()) for d in ex.context)} byte tokens, {len(ex.context)} documents) "
-        f"encoded once -> Memory saved ({size / 1024:.0f} KiB), loaded back (identical: {same}); questions "
-        f"answered from it:")
-    for fact in facts:
-        log(f"  context says: {fact}.")
-    correct = 0
-    for q, (_, gold), a in zip(questions, pairs, answers):
-        ok = a == gold
-        correct += ok
-        log(f"  {q:<36} -> {a:<8} {'ok' if ok else 'wrong (' + gold + ')'}")
-    return {"questions": questions, "answers": answers, "gold": [g for _, g in pairs], "identical": same,
-            "correct": correct}
+    needle = next(s.strip() for doc in ex.context for s in doc.split(". ") if "secret code" in s)
+    log(f"\nOne held-out context ({sum(len(d.encode()) for d in ex.context)} byte tokens, {len(ex.context)} "
+        f"documents; it says: {needle.rstrip('.')}.) encoded once -> Memory saved ({size / 1024:.0f} KiB), "
+        f"loaded back (identical: {same}). Questions answered from that one memory, no context in the prompt:")
+    for q, a in zip(questions, answers):
+        log(f"  {q:<40} -> {a:<6} {'ok' if a == ex.answer else 'wrong (' + ex.answer + ')'}")
+    return {"questions": questions, "answers": answers, "gold": ex.answer, "identical": same,
+            "correct": sum(a == ex.answer for a in answers)}
 
 
-def main(n: int = 16, *, assets_dir: str = ASSETS_DIR, threads: int = 2, seed: str = SEEDS["eval"],
+def main(n: int = 50, *, assets_dir: str = ASSETS_DIR, threads: int = 2, seed: str = SEEDS["eval"],
          out_dir: str | None = None, log=print) -> dict:
     """Run the demo with ``n`` held-out examples per table cell; returns the numbers."""
     start = time.perf_counter()
@@ -127,7 +132,7 @@ def main(n: int = 16, *, assets_dir: str = ASSETS_DIR, threads: int = 2, seed: s
 
 def _cli(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m perk_fast.demo", description=__doc__.split("\n\n")[0])
-    ap.add_argument("-n", type=int, default=16, help="held-out examples per table cell (default 16)")
+    ap.add_argument("-n", type=int, default=50, help="held-out examples per table cell (default 50)")
     ap.add_argument("--assets", default=ASSETS_DIR, help="demo assets directory")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="also write predictions, sweep.json and sweep.png here")
