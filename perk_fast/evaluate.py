@@ -357,9 +357,12 @@ def _plot_sweep(results, lengths, positions, path: str, metric: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(positions), figsize=(4 * len(positions), 3.4), sharey=True, squeeze=False)
+    styles = [("o", "-", 7), ("s", "--", 6), ("^", ":", 5), ("D", "-.", 4)]  # overlapping lines stay visible
     for ax, pos in zip(axes[0], positions):
-        for name, cells in results.items():
-            ax.plot(lengths, [100 * cells[length][pos][metric] for length in lengths], marker="o", label=name)
+        for i, (name, cells) in enumerate(results.items()):
+            marker, line, size = styles[i % len(styles)]
+            ax.plot(lengths, [100 * cells[length][pos][metric] for length in lengths], marker=marker, linestyle=line,
+                    markersize=size, label=name)
         ax.set_xscale("log", base=2)
         ax.set_xticks(lengths, [str(length) for length in lengths])
         ax.set_title(f"position: {pos}")
