@@ -24,7 +24,10 @@ contexts of ``train_len`` byte tokens, fact anywhere):
    (the chunked LM-head loss treats the head as frozen) carry the base's second-order terms too.
 3. **FT-ICR baseline.** A copy of the stage-1 LM fine-tuned (all weights) with
    :func:`perk_fast.evaluate.finetune_in_context` on the *same* examples, steps and batch size,
-   with the context in its prompt.
+   with the context in its prompt (learning rate chosen on the dev seeds among 3e-4..1e-2: none
+   learns to copy the code in that budget). A second copy, "FT-ICR 10x", gets 10x the steps
+   (fresh examples after the shared ones), about the wall-clock of PERK's meta-training: it does
+   learn to read the code from its prompt, which makes it the stronger baseline at ``train_len``.
 
 Held-out evaluation (seeds never used above) at ``train_len`` and 4x it, needle pre/mid/post, for
 PERK, plain test-time training on the stage-1 base (a fresh PerkModel: no meta-learning) and
@@ -67,6 +70,7 @@ from .tokenizer import ByteTokenizer
 
 _print = functools.partial(print, flush=True)
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo")
+ICR_LONG = "FT-ICR 10x"
 SEEDS = {"lm": "demo-lm", "train": "demo-train", "dev": "demo-dev", "eval": "demo-eval"}
 
 
@@ -103,8 +107,10 @@ class DemoRecipe:
     meta_lr: float = 1e-3
     lr_lr: float = 5e-5
     base_lr: float = 3e-4
-    # stage 3: FT-ICR (same examples, steps and batch as stage 2)
-    icr_lr: float = 3e-4
+    # stage 3: FT-ICR (same examples, steps and batch as stage 2), and FT-ICR with icr_long_steps
+    # (10x the examples: about PERK's wall-clock; 0 skips it)
+    icr_lr: float = 1e-3
+    icr_long_steps: int = 10000
     # evaluation
     eval_n: int = 100
     dev_n: int = 24
@@ -276,15 +282,16 @@ def meta_train_joint(perk_model: PerkModel, dataset: list, recipe: DemoRecipe, *
 
 # ----------------------------------------------------------------------------- evaluation
 def eval_systems(perk_model, ttt_model, icr_model, tokenizer, recipe: DemoRecipe, *, n: int, seed: str,
-                 out_dir: str | None = None, verbose: bool = True) -> dict:
-    """The demo's table: PERK, plain TTT and FT-ICR over ``eval_lengths`` x ``eval_positions``."""
-    import functools
-
+                 icr_long_model=None, out_dir: str | None = None, verbose: bool = True) -> dict:
+    """The demo's table: PERK, plain TTT, FT-ICR (and FT-ICR 10x) over ``eval_lengths`` x ``eval_positions``."""
     systems = {
         "PERK": perk_model,
         "TTT (no meta)": ttt_model,
         "FT-ICR": functools.partial(evaluate_in_context, icr_model, tokenizer, max_new_tokens=8, progress=False),
     }
+    if icr_long_model is not None:
+        systems[ICR_LONG] = functools.partial(evaluate_in_context, icr_long_model, tokenizer, max_new_tokens=8,
+                                              progress=False)
     return sweep(systems, task=recipe.task, lengths=recipe.eval_lengths, positions=recipe.eval_positions, n=n,
                  seed=seed, max_new_tokens=8, out_dir=out_dir, verbose=verbose, doc_tokens=recipe.doc_tokens)
 
@@ -333,6 +340,18 @@ def train(recipe: DemoRecipe, out_dir: str, log=_print) -> dict:
         p.requires_grad_(False)
     round_to_fp16(icr)
     times["icr_s"] = time.perf_counter() - t
+    icr_long, icr_long_history = None, []
+    if recipe.icr_long_steps:
+        log(f"      FT-ICR 10x: {recipe.icr_long_steps} steps x {recipe.meta_batch} examples (the same ones first)")
+        t = time.perf_counter()
+        icr_long = copy.deepcopy(base)
+        long_data = task_examples(recipe, recipe.icr_long_steps * recipe.meta_batch, SEEDS["train"])
+        icr_long_history = finetune_in_context(icr_long, tokenizer, long_data, steps=recipe.icr_long_steps,
+                                               batch_size=recipe.meta_batch, lr=recipe.icr_lr, seed=recipe.seed,
+                                               progress=False)
+        icr_long.requires_grad_(False)
+        round_to_fp16(icr_long)
+        times["icr_long_s"] = time.perf_counter() - t
     times["train_total_s"] = time.perf_counter() - t_all
 
     log(f"saving to {out_dir}")
@@ -342,11 +361,14 @@ def train(recipe: DemoRecipe, out_dir: str, log=_print) -> dict:
     save_base(perk_base, os.path.join(out_dir, "perk", "base"))
     perk_model.save(os.path.join(out_dir, "perk"))
     save_base(icr, os.path.join(out_dir, "icr"))
+    if icr_long is not None:
+        save_base(icr_long, os.path.join(out_dir, "icr_long"))
 
     log(f"held-out evaluation (seed {recipe.eval_seed!r}, n={recipe.eval_n} per cell)")
     t = time.perf_counter()
     ttt_model = PerkModel(load_base(os.path.join(out_dir, "base")), tokenizer, recipe.perk_config())
     final = eval_systems(perk_model, ttt_model, icr, tokenizer, recipe, n=recipe.eval_n, seed=recipe.eval_seed,
+                         icr_long_model=icr_long,
                          out_dir=os.path.join(out_dir, "eval") if recipe.eval_n else None)
     times["eval_s"] = time.perf_counter() - t
 
@@ -361,12 +383,14 @@ def train(recipe: DemoRecipe, out_dir: str, log=_print) -> dict:
         "lm_final_loss": sum(r["loss"] for r in lm_history[-20:]) / 20,
         "perk_history": meta_history[:: max(1, len(meta_history) // 100)] + meta_history[-1:],
         "icr_final_loss": sum(r["loss"] for r in icr_history[-20:]) / 20,
+        "icr_long_final_loss": (sum(r["loss"] for r in icr_long_history[-20:]) / 20) if icr_long_history else None,
         "eval": {k: final[k] for k in ("task", "seed", "n", "lengths", "positions", "metric", "results", "table")},
     }
     with open(os.path.join(out_dir, "train_report.json"), "w", encoding="utf-8") as fh:
         json.dump(report, fh, indent=2, default=str)
     log(f"training {times['train_total_s'] / 60:.1f} min (LM {times['lm_s']:.0f}s, PERK {times['perk_s']:.0f}s, "
-        f"FT-ICR {times['icr_s']:.0f}s); evaluation {times['eval_s']:.0f}s")
+        f"FT-ICR {times['icr_s']:.0f}s, FT-ICR 10x {times.get('icr_long_s', 0):.0f}s); "
+        f"evaluation {times['eval_s']:.0f}s")
     return report
 
 
@@ -374,7 +398,7 @@ def _parse(argv=None) -> tuple[DemoRecipe, str]:
     recipe = DemoRecipe()
     ap = argparse.ArgumentParser(prog="python -m perk_fast.demo_train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=ASSETS_DIR, help="output directory (default: the shipped assets)")
-    for name in ("lm_steps", "meta_steps", "meta_batch", "eval_n", "dev_n", "dev_every", "threads",
+    for name in ("lm_steps", "meta_steps", "icr_long_steps", "meta_batch", "eval_n", "dev_n", "dev_every", "threads",
                  "hidden_size", "num_hidden_layers", "intermediate_size", "train_len", "doc_tokens"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(recipe, name))
     for name in ("meta_lr", "base_lr", "lr_lr", "icr_lr", "lm_lr"):

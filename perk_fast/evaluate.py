@@ -34,6 +34,7 @@ import json
 import math
 import os
 import random
+import re
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -400,7 +401,9 @@ def sweep(
         task, lengths, positions, n, seed, task_kwargs: the data of each cell is
             ``tasks.generate(task, n, seed=seed, context_tokens=length, position=position, **task_kwargs)``,
             the same for every system.
-        out_dir: when given, per-cell predictions go to ``out_dir/<system>/L<length>_<position>/``,
+        out_dir: when given, per-cell predictions go to ``out_dir/<system>/L<length>_<position>/``
+            (``<system>``: the name with every run of other characters than letters, digits, ``.``
+            and ``-`` replaced by ``_``),
             and ``sweep.json`` and ``sweep.png`` (one panel per position, ``metric`` vs length) to
             ``out_dir``.
         verbose: print the table (:func:`format_sweep_table`).
@@ -420,7 +423,8 @@ def sweep(
         for pos in positions:
             data = generate(task, n, seed=seed, context_tokens=length, position=pos, **task_kwargs)
             for name, system in systems.items():
-                cell_dir = None if out_dir is None else os.path.join(out_dir, name, f"L{length}_{pos}")
+                folder = re.sub(r"[^A-Za-z0-9.-]+", "_", name).strip("_") or "system"
+                cell_dir = None if out_dir is None else os.path.join(out_dir, folder, f"L{length}_{pos}")
                 summary = _run_system(system, data, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                       out_dir=cell_dir)
                 summary = {k: v for k, v in summary.items() if k != "predictions"}

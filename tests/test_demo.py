@@ -32,7 +32,7 @@ def test_report_records_recipe_times_and_numbers():
     assert DemoRecipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in recipe.items()}).perk_config()
     assert report["times_s"]["train_total_s"] > 0
     results = report["eval"]["results"]
-    assert set(results) == {"PERK", "TTT (no meta)", "FT-ICR"}
+    assert set(results) == {"PERK", "TTT (no meta)", "FT-ICR", "FT-ICR 10x"}
     for system in results.values():
         for length in map(str, recipe["eval_lengths"]):
             for pos in recipe["eval_positions"]:
@@ -47,6 +47,7 @@ def test_demo_models_load_and_match_their_bases():
     assert model_fingerprint(d.perk.hf_model) != model_fingerprint(d.ttt.hf_model)
     assert all(torch.count_nonzero(b) == 0 for b in d.ttt.lora_B)
     assert not any(p.requires_grad for p in d.icr.parameters())
+    assert model_fingerprint(d.icr) != model_fingerprint(d.icr_long)
 
 
 def test_shipped_predictions_are_reproduced():
@@ -74,9 +75,9 @@ def test_training_data_never_overlaps_evaluation_seeds():
 def test_demo_main_runs_end_to_end(capsys):
     out = demo.main(2, threads=torch.get_num_threads())
     printed = capsys.readouterr().out
-    for name in ("PERK", "TTT (no meta)", "FT-ICR"):
+    for name in ("PERK", "TTT (no meta)", "FT-ICR", "FT-ICR 10x"):
         assert name in printed
     assert "n=2" in printed
     assert out["memory"]["identical"] is True
     assert len(out["memory"]["answers"]) >= 2
-    assert set(out["results"]) == {"PERK", "TTT (no meta)", "FT-ICR"}
+    assert set(out["results"]) == {"PERK", "TTT (no meta)", "FT-ICR", "FT-ICR 10x"}
