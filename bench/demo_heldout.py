@@ -16,6 +16,9 @@ that does not read its memory.
      answer; the row reports how often the memory's own code comes out anyway -- a measure of
      whether the model binds the code to the name (the demo's single-needle training never asks it to).
    * ``paraphrases``: three phrasings of the question never seen in training.
+   * ``k other needles``: contexts that also hold the codes of k other people (the demo trains on
+     single needles only): whether the memory answers the code of the person asked, and how often
+     it answers any code of the context at all.
    * ``fresh adapter, PERK base``: the jointly meta-trained base with *default* meta-parameters
      (PEFT LoRA init, every learned learning rate at ``inner_lr``, untrained weighting model) --
      how much of the result the meta-learned memory initialisation and learning rates carry.
@@ -28,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 import time
 
@@ -127,6 +131,14 @@ def main(argv=None) -> dict:
     for k, p in enumerate(PARAPHRASES[1:], 1):
         para = _answer(perk, ctx, [p.format(name=_name_of(q)) for q in qs], args.batch_size)
         controls[f"paraphrase {k}: {p}"] = {"em_vs_gold": _em(para, gold)}
+    for k in (1, 2, 3):
+        multi = generate(recipe.task, args.n, seed=f"{args.seed}-controls-d{k}", context_tokens=recipe.train_len,
+                         position="mid", doc_tokens=recipe.doc_tokens, n_distractors=k)
+        preds = _answer(perk, [e.context for e in multi], [e.question for e in multi], args.batch_size)
+        codes = [set(re.findall(r"The secret code of \w+ is (\d+)\.", " ".join(e.context))) for e in multi]
+        controls[f"{k} other needle{'s' if k > 1 else ''} in the context"] = {
+            "em_vs_gold": _em(preds, [e.answer for e in multi]), "chance": 1 / (k + 1),
+            "some_code_in_context": sum(p in c for p, c in zip(preds, codes)) / len(preds)}
     from perk_fast.demo_train import load_base
     from perk_fast.model import PerkModel
 

@@ -7,6 +7,8 @@ teaches a model to do this well; ``encode`` writes many contexts at once.
 from .config import PerkConfig
 from .encode import encode
 from .memory import Memory
+# `perk_fast.evaluate` is the function (the module stays importable as `from perk_fast.evaluate import ...`)
+from .evaluate import evaluate, evaluate_in_context, finetune_in_context, sweep
 from .metrics import exact_match, f1_score, score
 from .model import PerkModel
 from .readers import read_examples, write_jsonl
@@ -16,6 +18,7 @@ from .train import meta_train
 
 __all__ = [
     "PerkConfig", "PerkModel", "Memory", "encode", "meta_train",
+    "evaluate", "evaluate_in_context", "finetune_in_context", "sweep",
     "Example", "generate", "read_examples", "write_jsonl", "score", "exact_match", "f1_score", "ByteTokenizer",
 ]
 __version__ = "0.1.0"

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .demo_train import ASSETS_DIR, ICR_LONG, SEEDS, DemoRecipe, eval_systems, load_base
+from .demo_train import ASSETS_DIR, SEEDS, DemoRecipe, eval_systems, icr_long_name, load_base
 from .encode import encode
 from .evaluate import cut_answer
 from .memory import Memory
@@ -30,7 +30,7 @@ from .model import PerkModel
 from .tasks import generate
 from .tokenizer import ByteTokenizer
 
-_REQUIRED = ("train_report.json", "tokenizer", "base", "icr", "icr_long", os.path.join("perk", "perk_model.json"),
+_REQUIRED = ("train_report.json", "tokenizer", "base", "icr", os.path.join("perk", "perk_model.json"),
              os.path.join("perk", "meta_parameters.safetensors"), os.path.join("perk", "base"))
 
 
@@ -41,7 +41,7 @@ class Demo:
     perk: PerkModel
     ttt: PerkModel
     icr: torch.nn.Module
-    icr_long: torch.nn.Module
+    icr_long: torch.nn.Module | None  # None when the recipe had icr_long_steps = 0
     tokenizer: ByteTokenizer
     recipe: DemoRecipe
     report: dict
@@ -65,7 +65,14 @@ def load_demo(assets_dir: str = ASSETS_DIR) -> Demo:
                           tokenizer)
     ttt = PerkModel(load_base(os.path.join(assets_dir, "base")), tokenizer, recipe.perk_config())
     icr = load_base(os.path.join(assets_dir, "icr"))
-    icr_long = load_base(os.path.join(assets_dir, "icr_long"))
+    icr_long = None
+    if recipe.icr_long_steps:
+        path = os.path.join(assets_dir, "icr_long")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"demo assets missing in {assets_dir}: ['icr_long'] (the recipe has "
+                                    f"icr_long_steps={recipe.icr_long_steps}); train them with "
+                                    "`python -m perk_fast.demo_train`")
+        icr_long = load_base(path)
     return Demo(perk, ttt, icr, icr_long, tokenizer, recipe, report)
 
 
@@ -127,8 +134,11 @@ def main(n: int = 50, *, assets_dir: str = ASSETS_DIR, threads: int = 2, seed: s
     log("  TTT (no meta) the same inner loop from an untrained adapter on the stage-1 base (no meta-learning)")
     log("  FT-ICR        the stage-1 base fine-tuned with PERK's budget (same examples and steps), context in "
         "the prompt")
-    log(f"  {ICR_LONG:<13} the same with {recipe.icr_long_steps // recipe.meta_steps}x the examples "
-        "(about PERK's training wall-clock)\n")
+    if demo.icr_long is not None:
+        times = report["times_s"]
+        log(f"  {icr_long_name(recipe):<13} the same with {recipe.icr_long_steps / recipe.meta_steps:g}x the steps "
+            f"and examples (trained {times.get('icr_long_s', 0):.0f}s; PERK's meta-training {times['perk_s']:.0f}s)")
+    log("")
     table = eval_systems(demo.perk, demo.ttt, demo.icr, demo.tokenizer, recipe, n=n, seed=seed,
                          icr_long_model=demo.icr_long, out_dir=out_dir, verbose=True)
     mem = memory_round_trip(demo, log=log)

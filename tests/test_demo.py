@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
+import pytest
 import torch
 
 from perk_fast import demo
-from perk_fast.demo_train import ASSETS_DIR, DemoRecipe, task_examples
+from perk_fast.demo_train import ASSETS_DIR, DemoRecipe, icr_long_name, task_examples
 from perk_fast.evaluate import evaluate
 from perk_fast.model import model_fingerprint
 from perk_fast.tasks import generate
@@ -81,3 +83,46 @@ def test_demo_main_runs_end_to_end(capsys):
     assert out["memory"]["identical"] is True
     assert len(out["memory"]["answers"]) >= 2
     assert set(out["results"]) == {"PERK", "TTT (no meta)", "FT-ICR", "FT-ICR 10x"}
+
+
+def test_long_icr_baseline_is_optional_but_never_silently_missing(tmp_path):
+    assets = tmp_path / "demo"
+    shutil.copytree(ASSETS_DIR, assets, ignore=shutil.ignore_patterns("eval"))
+    shutil.rmtree(assets / "icr_long")
+    with pytest.raises(FileNotFoundError, match="icr_long"):
+        demo.load_demo(str(assets))
+    report = json.loads((assets / "train_report.json").read_text())
+    report["recipe"]["icr_long_steps"] = 0
+    (assets / "train_report.json").write_text(json.dumps(report))
+    d = demo.load_demo(str(assets))
+    assert d.icr_long is None
+    assert icr_long_name(DemoRecipe()) == "FT-ICR 10x"
+
+
+def test_recipe_rejects_bad_values_by_name():
+    for bad in (dict(meta_steps=0), dict(eval_n=-1), dict(base_lr=-1e-3), dict(icr_lr=0.0), dict(distractors=()),
+                dict(lm_batch=2.5)):
+        name = next(iter(bad))
+        with pytest.raises(ValueError, match=f"DemoRecipe.{name}="):
+            DemoRecipe(**bad)
+    DemoRecipe(base_lr=0.0, eval_n=0, icr_long_steps=0)  # frozen base, no evaluation, no long baseline
+
+
+def test_training_pipeline_end_to_end_at_toy_size(tmp_path):
+    """The whole recipe (LM, PERK, FT-ICR, FT-ICR kx, save, report) at toy size, then the demo on its output;
+    and --eval-n 0 skips evaluation but still writes the models and the report."""
+    from perk_fast.demo_train import main as train_main
+
+    out = str(tmp_path / "toy")
+    args = ["--out", out, "--lm-contexts", "16", "--lm-batch", "4", "--lm-steps", "2", "--meta-steps", "2", "--meta-batch", "2", "--icr-long-steps", "4",
+            "--dev-n", "2", "--dev-every", "1", "--eval-n", "1", "--threads", str(torch.get_num_threads())]
+    report = train_main(args)
+    assert report["eval"]["n"] == 1 and set(report["eval"]["results"]) == {"PERK", "TTT (no meta)", "FT-ICR",
+                                                                           "FT-ICR 2x"}
+    result = demo.main(1, assets_dir=out, threads=torch.get_num_threads())
+    assert set(result["results"]) == {"PERK", "TTT (no meta)", "FT-ICR", "FT-ICR 2x"}
+    args0 = ["--out", str(tmp_path / "toy0"), "--lm-contexts", "16", "--lm-batch", "4", "--lm-steps", "2", "--meta-steps", "2", "--meta-batch", "2",
+             "--icr-long-steps", "0", "--dev-n", "2", "--dev-every", "1", "--eval-n", "0"]
+    report0 = train_main(args0)
+    assert report0["eval"] is None and os.path.exists(tmp_path / "toy0" / "train_report.json")
+    assert demo.load_demo(str(tmp_path / "toy0")).icr_long is None

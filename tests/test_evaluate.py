@@ -179,3 +179,13 @@ def test_fresh_perk_model_is_plain_test_time_training():
     assert torch.all(pm.inner_lrs == SMALL.inner_lr)
     h = torch.randn(5, tiny_llama().config.hidden_size)
     assert torch.allclose(pm.weighting(h), torch.full((5,), math.log(2) / 3))
+
+
+def test_top_level_evaluate_is_the_function():
+    import sys
+
+    import perk_fast
+
+    module = sys.modules["perk_fast.evaluate"]
+    assert perk_fast.evaluate is module.evaluate and callable(perk_fast.evaluate)
+    assert perk_fast.sweep is module.sweep and perk_fast.evaluate_in_context is module.evaluate_in_context
