@@ -6,9 +6,14 @@
   unrolled      perk_fast, PerkConfig(meta_grad="unrolled"): batched LoRA, chunked LM-head loss,
                 one unrolled autograd graph
   checkpointed  perk_fast, PerkConfig(meta_grad="checkpointed"): step checkpointing + per-micro-batch
-                replay (DESIGN.md section 3), flat memory in T and in the number of segments
+                replay (DESIGN.md section 3), flat in the number of segments, one adapter-sized
+                tensor (the inner gradient) per step
+  recomputed    perk_fast, PerkConfig(meta_grad="recomputed"): as checkpointed, but the inner
+                gradients are recomputed in the reverse walk: constant in T, T(T+1)/2 extra
+                first-order passes (not in the default --modes; e.g. --sweep steps --modes
+                reference,checkpointed,recomputed)
 
-Same model, data, meta-parameters and seed for all three. Per mode: peak memory of one meta-step,
+Same model, data, meta-parameters and seed for every mode. Per mode: peak memory of one meta-step,
 median time of ``--repeats`` warm steps, both as ratios to the reference, and the largest relative
 difference of the meta-gradients from the reference's (max over meta-parameter tensors of
 ||g - g_ref|| / ||g_ref||).
@@ -21,8 +26,9 @@ So the gradients are also compared in fp64 on a reduced problem (same preset, T,
 4 segments, 2 per micro-batch; ``--no-fp64-check`` to skip), where they agree to ~1e-9.
 
 Peak memory is the peak of the bytes allocated *during* the step above what was resident before it
-(model weights, meta-parameters), from ``perk_fast.profiling.peak_memory``: on CPU ``MemTracker``'s
-live tensor bytes (device totals only), on CUDA ``max_memory_allocated``. It therefore includes
+(model weights, meta-parameters), from ``perk_fast.profiling.peak_memory``: on CPU the CPU
+allocator's allocation/free events (``torch.profiler``; ``--cpu-mem tracker`` uses MemTracker's live
+tensor bytes instead, which over-count the inner loop), on CUDA ``max_memory_allocated``. It therefore includes
 ``higher``'s copy of the base weights, which the reference makes at every ``innerloop_ctx``. The
 memory run is separate and untimed (it also warms up); time on CUDA comes from CUDA events.
 
@@ -64,7 +70,9 @@ from perk_fast.lora import remove_lora  # noqa: E402
 from perk_fast.profiling import peak_memory  # noqa: E402
 from perk_reference import ReferencePerk  # noqa: E402
 
-MODES = ("reference", "unrolled", "checkpointed")
+MODES = ("reference", "unrolled", "checkpointed", "recomputed")
+DEFAULT_MODES = ("reference", "unrolled", "checkpointed")
+CPU_MEM = "allocator"  # how CPU peaks are measured (--cpu-mem)
 MiB = 2**20
 B_SCALE = 1e-3  # LoRA B is moved off zero by this much (generic gradients, no AdamW kink at B = 0)
 
@@ -188,7 +196,7 @@ def measure(bench: Bench, mode: str, repeats: int, device: str) -> dict:
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
-        (loss, grads), out["peak_bytes"] = peak_memory(lambda: bench.step(mode), device)
+        (loss, grads), out["peak_bytes"] = peak_memory(lambda: bench.step(mode), device, method=CPU_MEM)
         out["loss"] = loss
         grads = {n: None if g is None else g.detach().clone() for n, g in grads.items()}
         times = []
@@ -360,7 +368,7 @@ def print_table(rows: list[dict]) -> None:
 def summary(rows: list[dict], where: str = "", fp64: dict | None = None, dtype: str = "") -> str:
     by = {r["mode"]: r for r in rows}
     ref = by.get("reference")
-    for mode in ("checkpointed", "unrolled"):
+    for mode in ("checkpointed", "recomputed", "unrolled"):
         r = by.get(mode)
         if r is None or r["status"] != "ok":
             continue
@@ -437,7 +445,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float64"],
                     help="base model dtype (default float32 on CPU, bfloat16 on CUDA)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
+    ap.add_argument("--cpu-mem", default="allocator", choices=["allocator", "tracker"],
+                    help="CPU peak memory from the allocator's events (default) or MemTracker's live tensors")
+    ap.add_argument("--modes", default=",".join(DEFAULT_MODES),
+                    help="comma-separated subset of " + ",".join(MODES) + " (default: " + ",".join(DEFAULT_MODES) + ")")
     ap.add_argument("--repeats", type=int, default=None, help="timed steps per mode (default 2 CPU, 5 CUDA)")
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads (default 1: OpenMP spin-waiting makes 2+ threads many times slower on a "
@@ -473,7 +484,9 @@ def perk_config(args, steps: int) -> PerkConfig:
 
 
 def main(argv=None) -> None:
+    global CPU_MEM
     args = parse_args(argv)
+    CPU_MEM = args.cpu_mem
     if args.device == "cpu" or args.threads:
         torch.set_num_threads(args.threads or 1)
     dtype = getattr(torch, args.dtype)
@@ -487,7 +500,7 @@ def main(argv=None) -> None:
     base = {"preset": args.preset, "dtype": args.dtype, "contexts": args.contexts, "segments": args.segments,
             "segment_len": args.segment_len, "segments_per_step": args.segments_per_step, "rank": args.rank,
             "alpha": args.alpha, "unroll": args.unroll, "optimizer": args.optimizer, "repeats": args.repeats,
-            "modes": args.modes, "n_params": sum(p.numel() for p in hf_model.parameters())}
+            "modes": args.modes, "cpu_mem": args.cpu_mem if args.device == "cpu" else None, "n_params": sum(p.numel() for p in hf_model.parameters())}
 
     if args.sweep is None:
         config = perk_config(args, args.steps)

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 INNER_OPTIMIZERS = ("adamw", "sgd")
 UNROLL_MODES = ("full", "truncated", "first_order")
-META_GRADS = ("checkpointed", "unrolled")
+META_GRADS = ("checkpointed", "recomputed", "unrolled")
 LM_HEAD_LOSSES = ("chunked", "full")
 DEFAULT_TARGETS = {
     "gpt2": ("c_attn", "c_proj", "c_fc"),
@@ -38,7 +38,9 @@ class PerkConfig:
     ``unroll`` chooses how meta-gradients flow through the inner loop: ``full``
     (second order through every step), ``truncated`` (first order before
     ``unroll_start``), ``first_order``. ``meta_grad`` chooses how they are computed:
-    ``checkpointed`` (flat memory, replay) or ``unrolled`` (one big graph).
+    ``checkpointed`` (flat in context length, replay; keeps one adapter-sized tensor per
+    step), ``recomputed`` (also constant in T: keeps nothing per step, recomputes the inner
+    gradients, T(T+1)/2 extra first-order passes) or ``unrolled`` (one big graph).
 
     LM head: ``lm_head_loss='chunked'`` never holds more than ``lm_head_chunk_size``
     tokens' logits (default: a 256 MiB chunk); ``'full'`` materialises them (reference).

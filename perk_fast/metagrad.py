@@ -27,6 +27,13 @@ reverse:
 Dropout masks are seeded per (call, step, micro-batch), so replays see the masks
 of the forward. The result equals the unrolled meta-gradient to rounding; the cost
 is about one extra forward + double backward per differentiated step.
+
+``meta_grad="recomputed"`` keeps nothing per step, not even g_t: the reverse walk
+recomputes g_0..g_t (first-order passes, the same values bit for bit) to rebuild
+(p_t, m_t, v_t, g_t) each time. Peak memory is then constant in T -- a handful of
+adapter-sized tensors whatever the number of steps -- at the price of T(T+1)/2 extra
+first-order forward+backward passes per meta-step (10 at T = 4). Use it when T x
+(contexts x adapter size) is what does not fit.
 """
 from __future__ import annotations
 
@@ -52,16 +59,18 @@ class _CheckpointedInnerLoop(torch.autograd.Function):
         opt = InnerOptimizer(config)
         params = [t.detach().unsqueeze(0).expand(n_contexts, *t.shape) for t in init]
         states = opt.init_state(params)
+        keep = config.meta_grad != "recomputed"
         grads_per_step = []
         for t in range(config.inner_steps):
-            leaves = [p.detach().requires_grad_(True) for p in params]
-            grads = step_gradient(model, leaves, micro_batches, t, create_graph=False, seed=seed)
-            grads_per_step.append(grads)
+            grads = _inner_gradient(model, params, micro_batches, t, seed)
+            if keep:
+                grads_per_step.append(grads)
             with torch.no_grad():
                 params, states = opt.step(params, grads, states, lrs[:, t].detach(), t)
+            del grads
         ctx.model, ctx.micro_batches, ctx.seed, ctx.n_init = model, micro_batches, seed, n_init
         ctx.n_contexts = n_contexts
-        ctx.grads_per_step = grads_per_step
+        ctx.grads_per_step = grads_per_step if keep else None
         ctx.weighting = weighting
         ctx.save_for_backward(lrs, *init)
         return tuple(params)
@@ -80,14 +89,19 @@ class _CheckpointedInnerLoop(torch.autograd.Function):
         s_bar = [tuple(torch.zeros_like(x) for x in s) for s in s0]
         lr_bar = torch.zeros_like(lrs)
         w_bar = [torch.zeros_like(w) for w in weighting]
+        recorded = model._inner_losses  # recomputed passes must not overwrite the forward's inner losses
         for t in reversed(range(config.inner_steps)):
-            params, states = _replay_updates(opt, p0, s0, grads_per_step, lrs, t)
-            grads = grads_per_step[t]
+            if grads_per_step is not None:
+                params, states = _replay_updates(opt, p0, s0, grads_per_step, lrs, t)
+                grads = grads_per_step[t]
+            else:
+                params, states, grads = _recompute_step(opt, model, p0, s0, lrs, t, ctx.micro_batches, ctx.seed)
             p_bar, s_bar, g_bar, lr_bar[:, t] = _update_vjp(opt, params, states, grads, lrs[:, t], t, p_bar, s_bar)
             if config.second_order_step(t):
                 hvp_p, hvp_w = _replay_hvp(model, params, ctx.micro_batches, t, ctx.seed, g_bar, weighting, need_w)
                 p_bar = [a + b for a, b in zip(p_bar, hvp_p)]
                 w_bar = [a + b for a, b in zip(w_bar, hvp_w)]
+        model._inner_losses = recorded
         ctx.grads_per_step = None  # free the checkpoints as soon as they are consumed
         init_bar = [pb.sum(0) for pb in p_bar]
         return (
@@ -113,6 +127,28 @@ def _replay_updates(opt: InnerOptimizer, p0, s0, grads_per_step, lrs, t):
         for k in range(t):
             params, states = opt.step(params, grads_per_step[k], states, lrs[:, k].detach(), k)
     return params, states
+
+
+def _inner_gradient(model, params, micro_batches, t, seed):
+    """g_t at ``params``: a first-order pass (no graph kept), as the inner loop computes it."""
+    with torch.enable_grad():
+        leaves = [p.detach().requires_grad_(True) for p in params]
+        return step_gradient(model, leaves, micro_batches, t, create_graph=False, seed=seed)
+
+
+def _recompute_step(opt: InnerOptimizer, model, p0, s0, lrs, t, micro_batches, seed):
+    """(p_t, state_t, g_t) rebuilt from p_0 by recomputing g_0..g_t (``meta_grad="recomputed"``).
+
+    The same passes and elementwise updates on the same inputs as the forward, so the values are
+    those of the forward; only the current step's tensors are alive.
+    """
+    params, states = p0, s0
+    for k in range(t):
+        grads = _inner_gradient(model, params, micro_batches, k, seed)
+        with torch.no_grad():
+            params, states = opt.step(params, grads, states, lrs[:, k].detach(), k)
+        del grads
+    return params, states, _inner_gradient(model, params, micro_batches, t, seed)
 
 
 def _update_vjp(opt: InnerOptimizer, params, states, grads, lrs_t, t, p_bar, s_bar):

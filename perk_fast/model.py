@@ -336,7 +336,7 @@ class PerkModel(nn.Module):
     def adapt(self, segments, *, seed: int | None) -> list[torch.Tensor]:
         """Adapted adapters [A_0, B_0, ...] of the contexts, differentiable w.r.t. the meta-parameters."""
         micro = make_micro_batches(segments, self.config.segments_per_step, pad_id(self.tokenizer), self.device)
-        if self.config.meta_grad == "checkpointed":
+        if self.config.meta_grad in ("checkpointed", "recomputed"):
             return checkpointed_inner_loop(self, micro, len(segments), seed=seed)
         # under no_grad nothing is differentiated: the same values without any graph
         return run_inner_loop(

@@ -1,4 +1,5 @@
-"""Peak memory of one meta-step stays flat in T and in the number of segments (checkpointed)."""
+"""Peak memory of one meta-step stays flat in T and in the number of segments (checkpointed), and
+constant in T with recomputed inner gradients (recomputed). Measured from the CPU allocator's events."""
 from __future__ import annotations
 
 import pytest
@@ -47,3 +48,30 @@ def test_unrolled_peak_grows_with_steps_and_segments():
     # the same measurement must see the plain unrolled graph grow, or the flat tests prove nothing
     assert _meta_step_peak("unrolled", 8, 8) > 2 * _meta_step_peak("unrolled", 2, 8)
     assert _meta_step_peak("unrolled", 2, 16) > 2 * _meta_step_peak("unrolled", 2, 4)
+
+
+def _adapter_heavy_peak(meta_grad: str, steps: int, contexts: int = 3) -> tuple[int, int]:
+    """(peak bytes, bytes of one adapter set for all contexts) with a rank large next to the model."""
+    torch.manual_seed(0)
+    model = tiny_gpt2(layers=2, hidden=32)
+    cfg = PerkConfig(meta_grad=meta_grad, unroll="full", inner_steps=steps, inner_lr=1e-3, segment_len=32,
+                     segments_per_step=4, lora_rank=32, lm_head_chunk_size=64)
+    pm = PerkModel(model, TOKENIZER, cfg)
+    context = _context(4)
+    adapter_bytes = contexts * sum(t.numel() * t.element_size() for t in list(pm.lora_A) + list(pm.lora_B))
+
+    def step():
+        pm.meta_loss([context] * contexts, ["Which item is in box 3?"] * contexts, ["item 8"] * contexts).backward()
+        return pm.last_inner_losses
+
+    losses, peak = peak_memory(step)
+    assert len(losses) == steps  # the recomputed passes do not overwrite the forward's inner losses
+    return peak, adapter_bytes
+
+
+def test_recomputed_peak_is_constant_in_inner_steps():
+    (small, adapter), (large, _) = _adapter_heavy_peak("recomputed", 2), _adapter_heavy_peak("recomputed", 12)
+    assert large - small <= 1.5 * adapter, (small, large, adapter)  # 10 more steps: < 1.5 adapter sets
+    # control: checkpointed keeps g_t, one adapter set per step, on the same measurement
+    (c_small, _), (c_large, _) = _adapter_heavy_peak("checkpointed", 2), _adapter_heavy_peak("checkpointed", 12)
+    assert c_large - c_small >= 8 * adapter, (c_small, c_large, adapter)

@@ -151,7 +151,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("meta_grad", ["unrolled", "checkpointed"])
+@pytest.mark.parametrize("meta_grad", ["unrolled", "checkpointed", "recomputed"])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("kind", ["gpt2", "qwen2"])
 def test_meta_gradient_matches_reference(kind, case, meta_grad, tokenizer):
@@ -170,7 +170,7 @@ def test_second_order_terms_matter(tokenizer):
     assert min((full[n] - first[n]).norm() / full[n].norm() for n in lora) > 0.05
 
 
-@pytest.mark.parametrize("meta_grad", ["unrolled", "checkpointed"])
+@pytest.mark.parametrize("meta_grad", ["unrolled", "checkpointed", "recomputed"])
 @pytest.mark.parametrize("kind", ["gpt2", "qwen2"])
 def test_zero_lora_b_gives_finite_meta_gradient(kind, meta_grad, tokenizer):
     """PEFT's B = 0 start: A's first gradients and AdamW's v are exactly 0 (sqrt'(0) must not leak NaN)."""
