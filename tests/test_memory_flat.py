@@ -75,3 +75,17 @@ def test_recomputed_peak_is_constant_in_inner_steps():
     # control: checkpointed keeps g_t, one adapter set per step, on the same measurement
     (c_small, _), (c_large, _) = _adapter_heavy_peak("checkpointed", 2), _adapter_heavy_peak("checkpointed", 12)
     assert c_large - c_small >= 8 * adapter, (c_small, c_large, adapter)
+
+
+def test_peak_memory_methods_agree_on_plain_tensors_and_reject_unknown_ones():
+    def fn():
+        x = torch.ones(1000, 1000)  # 4 MB, freed before the 8 MB one is made
+        del x
+        y = torch.ones(2000, 1000)
+        return float(y.sum())
+
+    for method in ("allocator", "tracker"):
+        out, peak = peak_memory(fn, method=method)
+        assert out == 2e6 and 8_000_000 <= peak <= 8_100_000, (method, peak)
+    with pytest.raises(ValueError, match="method='bogus'"):
+        peak_memory(fn, method="bogus")
