@@ -131,6 +131,21 @@ def _batches(n: int, batch_size: int, progress: bool, desc: str):
     return starts
 
 
+def _answer_and_score(dataset, answer: Callable[[list[dict]], list[str]], *, system: str, desc: str,
+                      batch_size: int, max_new_tokens: int, out_dir, progress: bool, extra: dict | None = None) -> dict:
+    """The shared evaluation loop: check the arguments, ``answer`` the rows batch by batch, score, write."""
+    _check_positive("batch_size", batch_size)
+    _check_positive("max_new_tokens", max_new_tokens)
+    rows = _unpack(dataset)
+    start = time.perf_counter()
+    raw: list[str] = []
+    for s in _batches(len(rows), batch_size, progress, desc):
+        raw += answer(rows[s : s + batch_size])
+    seconds = time.perf_counter() - start
+    info = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, **(extra or {})}
+    return _score_and_write(rows, raw, system, seconds, out_dir, info)
+
+
 # ----------------------------------------------------------------------------- PERK (and TTT)
 def evaluate(
     perk_model: PerkModel,
@@ -159,19 +174,14 @@ def evaluate(
     """
     if not isinstance(perk_model, PerkModel):
         raise TypeError(f"evaluate expects a PerkModel, got {type(perk_model).__name__}")
-    _check_positive("batch_size", batch_size)
-    _check_positive("max_new_tokens", max_new_tokens)
-    rows = _unpack(dataset)
-    start = time.perf_counter()
-    raw: list[str] = []
-    for s in _batches(len(rows), batch_size, progress, "evaluate"):
-        group = rows[s : s + batch_size]
+
+    def answer(group: list[dict]) -> list[str]:
         memory = encode(perk_model, [r["context"] for r in group])
-        raw += perk_model.generate(memory, [r["question"] for r in group], max_new_tokens=max_new_tokens)
-    seconds = time.perf_counter() - start
-    extra = {"batch_size": batch_size, "max_new_tokens": max_new_tokens,
-             "inner_steps": perk_model.config.inner_steps}
-    return _score_and_write(rows, raw, "perk", seconds, out_dir, extra)
+        return perk_model.generate(memory, [r["question"] for r in group], max_new_tokens=max_new_tokens)
+
+    return _answer_and_score(dataset, answer, system="perk", desc="evaluate", batch_size=batch_size,
+                             max_new_tokens=max_new_tokens, out_dir=out_dir, progress=progress,
+                             extra={"inner_steps": perk_model.config.inner_steps})
 
 
 # ----------------------------------------------------------------------------- in-context baseline
@@ -214,18 +224,13 @@ def evaluate_in_context(
     ``hf_model`` is a plain causal LM (not wrapped in a PerkModel). Returns the same dict as
     :func:`evaluate` with ``system`` = ``"in_context"``.
     """
-    _check_positive("batch_size", batch_size)
-    _check_positive("max_new_tokens", max_new_tokens)
-    rows = _unpack(dataset)
-    start = time.perf_counter()
-    raw: list[str] = []
-    for s in _batches(len(rows), batch_size, progress, "evaluate_in_context"):
-        group = rows[s : s + batch_size]
+
+    def answer(group: list[dict]) -> list[str]:
         prompts = [in_context_prompt(r["context"], r["question"]) for r in group]
-        raw += _generate_from_prompts(hf_model, tokenizer, prompts, max_new_tokens)
-    seconds = time.perf_counter() - start
-    extra = {"batch_size": batch_size, "max_new_tokens": max_new_tokens}
-    return _score_and_write(rows, raw, "in_context", seconds, out_dir, extra)
+        return _generate_from_prompts(hf_model, tokenizer, prompts, max_new_tokens)
+
+    return _answer_and_score(dataset, answer, system="in_context", desc="evaluate_in_context", batch_size=batch_size,
+                             max_new_tokens=max_new_tokens, out_dir=out_dir, progress=progress)
 
 
 def in_context_batch(tokenizer: Any, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
