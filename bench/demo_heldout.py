@@ -37,31 +37,21 @@ import time
 
 import torch
 
-from perk_fast import encode
-from perk_fast.demo import PARAPHRASES, load_demo
+from perk_fast import evaluate
+from perk_fast.demo import PARAPHRASES, load_demo, needle_name
 from perk_fast.demo_train import ASSETS_DIR, SEEDS
-from perk_fast.evaluate import cut_answer
 from perk_fast.metrics import exact_match
 from perk_fast.tasks import PEOPLE, generate
 
 
 def _answer(perk, contexts, questions, batch_size: int) -> list[str]:
-    out: list[str] = []
-    for i in range(0, len(contexts), batch_size):
-        mem = encode(perk, contexts[i:i + batch_size])
-        out += [cut_answer(a) for a in perk.generate(mem, questions[i:i + batch_size], max_new_tokens=8)]
-    return out
+    """PERK's cut answers (``perk_fast.evaluate``); scored below against whichever gold a control needs."""
+    rows = [{"context": c, "question": q, "answer": ""} for c, q in zip(contexts, questions)]
+    return evaluate(perk, rows, batch_size=batch_size, max_new_tokens=8, progress=False)["predictions"]
 
 
 def _em(preds, golds) -> float:
     return sum(exact_match(p, g) for p, g in zip(preds, golds)) / max(1, len(golds))
-
-
-def _name_of(question: str) -> str:
-    prefix = "What is the secret code of "
-    if not (question.startswith(prefix) and question.endswith("?")):
-        raise ValueError(f"unexpected needle question {question!r}")
-    return question[len(prefix):-1]
 
 
 def main(argv=None) -> dict:
@@ -124,12 +114,12 @@ def main(argv=None) -> dict:
     controls["no needle"] = {"em_vs_gold": _em(no_needle, gold)}
     others = []
     for i, q in enumerate(qs):
-        name = _name_of(q)
+        name = needle_name(q)
         others.append(f"What is the secret code of {next(p for p in PEOPLE[i % len(PEOPLE):] + PEOPLE if p != name)}?")
     other = _answer(perk, ctx, others, args.batch_size)
     controls["other name"] = {"em_vs_memory_code": _em(other, gold)}
     for k, p in enumerate(PARAPHRASES[1:], 1):
-        para = _answer(perk, ctx, [p.format(name=_name_of(q)) for q in qs], args.batch_size)
+        para = _answer(perk, ctx, [p.format(name=needle_name(q)) for q in qs], args.batch_size)
         controls[f"paraphrase {k}: {p}"] = {"em_vs_gold": _em(para, gold)}
     for k in (1, 2, 3):
         multi = generate(recipe.task, args.n, seed=f"{args.seed}-controls-d{k}", context_tokens=recipe.train_len,

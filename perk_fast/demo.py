@@ -18,7 +18,6 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -85,6 +84,14 @@ PARAPHRASES = (
 )
 
 
+def needle_name(question: str) -> str:
+    """The person asked about in a needle question ``What is the secret code of <name>?``."""
+    prefix = "What is the secret code of "
+    if not (question.startswith(prefix) and question.endswith("?")):
+        raise ValueError(f"unexpected needle question {question!r}: expected '{prefix}<name>?'")
+    return question[len(prefix):-1]
+
+
 def memory_round_trip(demo: Demo, *, seed: str = "demo-memory", log=print) -> dict:
     """Encode one held-out context once, save the Memory, load it back, and answer several
     questions (phrasings of the needle question, three of them never seen in training) from that
@@ -92,7 +99,7 @@ def memory_round_trip(demo: Demo, *, seed: str = "demo-memory", log=print) -> di
     recipe = demo.recipe
     ex = generate(recipe.task, 1, seed=seed, context_tokens=recipe.train_len, position="mid",
                   doc_tokens=recipe.doc_tokens)[0]
-    name = ex.question[len("What is the secret code of "):-1]
+    name = needle_name(ex.question)
     memory = encode(demo.perk, [ex.context])
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "memory")

@@ -67,7 +67,6 @@ import platform
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
