@@ -9,8 +9,8 @@ bytes (device totals only: its per-module hooks raise on frozen parameters and o
 ``autograd.grad`` inside a forward, so they are switched off). It works on fake tensors too
 (``bench/linear_ce.py`` sizes full logits that do not fit this way), but it can over-count: in
 the inner loop it kept the storage of every step's superseded adapters alive in its accounting
-(one adapter set per step, measured against the allocator events and against weak references,
-which show those storages freed).
+(one adapter set per step more than the allocator events show; ``python bench/inner_loop.py
+--cpu-mem tracker`` against the default reproduces the difference).
 
 CUDA: ``max_memory_allocated`` after ``reset_peak_memory_stats``.
 All report bytes allocated *while the call runs*, above what was live before it.
