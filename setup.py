@@ -5,7 +5,7 @@ setup(
     name="perk_fast",
     version="0.1.0",
     description="Fast, memory-efficient PERK: encode long contexts into batched LoRA memories and meta-train them",
-    packages=["perk_fast", "perk_fast.kernels"],
+    packages=["perk_fast", "perk_fast.evaluate", "perk_fast.kernels"],
     package_dir={"perk_fast": "perk_fast", "perk_fast.kernels": "kernels"},
     package_data={"perk_fast": ["assets/*", "assets/**/*"]},
     python_requires=">=3.10",
@@ -19,6 +19,7 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.6"],
+        "plot": ["matplotlib"],
         "test": ["pytest", "pytest-benchmark", "pytest-timeout", "higher==0.2.1", "peft", "triton>=3.6"],
         "bench": ["matplotlib", "higher==0.2.1", "peft", "triton>=3.6"],
     },

@@ -10,7 +10,7 @@ import dataclasses
 import math
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 INNER_OPTIMIZERS = ("adamw", "sgd")
@@ -26,6 +26,18 @@ DEFAULT_TARGETS = {
 
 def _fail(name: str, value: Any, allowed: str) -> None:
     raise ValueError(f"PerkConfig.{name}={value!r} is invalid: allowed {allowed}")
+
+
+def check_int(name: str, value: Any, minimum: int = 1, *, allow_none: bool = False) -> None:
+    """Raise ValueError naming ``name`` and ``value`` unless it is an int >= ``minimum`` (or None if allowed).
+
+    The one check behind every integer argument of the public API (batch sizes, steps, budgets).
+    """
+    if allow_none and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        allowed = f"an integer >= {minimum}"
+        raise ValueError(f"{name}={value!r} is invalid: allowed {'None or ' if allow_none else ''}{allowed}")
 
 
 @dataclass

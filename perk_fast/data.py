@@ -11,14 +11,17 @@ followed by ``" " + target + EOS`` where the target is the answer, or
 ``<support>{support}</support>\\n<output>{answer}</output>`` when support facts are
 given; only the target tokens carry labels.
 
-Every row is right-padded. The model is causal, so a real token never attends to a
-pad that follows it: padding changes no result, and no attention mask is needed.
+Every training row is right-padded. The model is causal, so a real token never attends to a
+pad that follows it: padding changes no result, and no attention mask is needed. Prompts that
+are continued by generation are left-padded instead (:func:`left_pad`), with a mask.
+
+This module turns text into tensors and nothing more: it knows tokenizers, not models.
 """
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -129,11 +132,72 @@ def check_text(value: Any, where: str) -> str:
     return value
 
 
+def check_batch(contexts: Any, questions: Any, answers: Any = None, supports: Any = None) -> None:
+    """Check a batch of contexts and its per-context lists; errors name the bad entry."""
+    if isinstance(contexts, str) or not isinstance(contexts, Sequence):
+        raise TypeError("contexts must be a list of contexts (each a string or a list of documents)")
+    n = len(contexts)
+    if n == 0:
+        raise ValueError("contexts is empty: pass at least one context")
+    for name, values in (("questions", questions), ("answers", answers), ("supports", supports)):
+        if values is None:
+            continue
+        if isinstance(values, str) or not isinstance(values, Sequence):
+            raise TypeError(f"{name} must be a list with one entry per context")
+        if len(values) != n:
+            raise ValueError(f"{len(values)} {name} for {n} contexts: pass one per context")
+    for i, q in enumerate(questions or []):
+        check_text(q, f"questions[{i}]")
+    for i, a in enumerate(answers or []):
+        check_text(a, f"answers[{i}]")
+
+
+def segment_contexts(
+    tokenizer: Any, contexts: Sequence[Any], segment_len: int, rng: random.Random | None = None
+) -> list[ContextSegments]:
+    """:func:`build_segments` of every context (doc ids permuted from ``rng`` when given)."""
+    return [build_segments(tokenizer, c, segment_len, rng, where=f"contexts[{i}]") for i, c in enumerate(contexts)]
+
+
+def example_field(example: Any, name: str, index: int, required: bool = True) -> Any:
+    """Field ``name`` of dataset entry ``index`` (a mapping or an object with attributes)."""
+    value = example.get(name) if isinstance(example, Mapping) else getattr(example, name, None)
+    if value is None and required:
+        raise ValueError(f"dataset[{index}] has no {name!r}: every example needs context, question and answer")
+    return value
+
+
 def build_query(tokenizer: Any, question: str, answer: str, support: Any, n_docs: int) -> tuple[list[int], list[int]]:
     """(input ids, labels) of a question row; labels only on the target + EOS."""
     prompt = _token_ids(tokenizer, query_prompt(question, n_docs))
     target = _token_ids(tokenizer, " " + query_target(answer, support)) + [eos_id(tokenizer)]
     return prompt + target, [IGNORE] * len(prompt) + target
+
+
+def query_batch(
+    tokenizer: Any, questions: Sequence[str], answers: Sequence[str], supports: Sequence[Any] | None,
+    n_docs: Sequence[int], device: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (input ids, labels) of the question rows of a batch (:func:`build_query` each)."""
+    rows = [
+        build_query(tokenizer, q, a, None if supports is None else supports[i], n_docs[i])
+        for i, (q, a) in enumerate(zip(questions, answers))
+    ]
+    ids = pad_rows([r[0] for r in rows], pad_id(tokenizer)).to(device)
+    labels = pad_rows([r[1] for r in rows], IGNORE).to(device)
+    return ids, labels
+
+
+def left_pad(rows: Sequence[Sequence[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad id lists to (n, L): (ids, attention mask). Generation then continues every row at L."""
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), value, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if len(r):
+            ids[i, length - len(r):] = torch.tensor(list(r), dtype=torch.long)
+            mask[i, length - len(r):] = 1
+    return ids, mask
 
 
 @dataclass

@@ -61,7 +61,6 @@ import copy
 import functools
 import dataclasses
 import json
-import math
 import os
 import platform
 import random
@@ -74,11 +73,16 @@ from .config import PerkConfig
 from .data import build_segments, pad_rows
 from .evaluate import evaluate, evaluate_in_context, finetune_in_context, sweep
 from .model import PerkModel
+from .schedule import warmup_cosine
 from .tasks import generate
 from .tokenizer import ByteTokenizer
+from .train import meta_train
 
 _print = functools.partial(print, flush=True)
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo")
+# held-out predictions of the shipped run live with the other results of the repository, not in the package
+SHIPPED_EVAL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "results",
+                                "demo_eval")
 ICR_LONG = "FT-ICR 10x"  # the name of the long FT-ICR baseline with the shipped recipe
 
 
@@ -222,12 +226,6 @@ def lm_rows(recipe: DemoRecipe, tokenizer: ByteTokenizer) -> list[list[int]]:
     return rows
 
 
-def _cosine(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
-
-
 def pretrain_lm(model, tokenizer, recipe: DemoRecipe, log=_print) -> list[dict]:
     """Plain next-token training on :func:`lm_rows` (AdamW, warmup + cosine)."""
     rows = lm_rows(recipe, tokenizer)
@@ -238,7 +236,7 @@ def pretrain_lm(model, tokenizer, recipe: DemoRecipe, log=_print) -> list[dict]:
     model.train()
     for step in range(recipe.lm_steps):
         for g in opt.param_groups:
-            g["lr"] = recipe.lm_lr * _cosine(step, recipe.lm_steps, warmup)
+            g["lr"] = recipe.lm_lr * warmup_cosine(step, recipe.lm_steps, warmup)
         batch = [rows[rng.randrange(len(rows))] for _ in range(recipe.lm_batch)]
         ids = pad_rows(batch, tokenizer.pad_token_id)
         labels = pad_rows(batch, -100)
@@ -256,61 +254,43 @@ def pretrain_lm(model, tokenizer, recipe: DemoRecipe, log=_print) -> list[dict]:
 
 # ----------------------------------------------------------------------------- stage 2
 def meta_train_joint(perk_model: PerkModel, dataset: list, recipe: DemoRecipe, *, dev=None, log=_print) -> list[dict]:
-    """PERK's outer loop over meta-parameters and (``base_lr > 0``) the base weights.
-
-    Same step as ``perk_fast.meta_train`` (``PerkModel.meta_loss`` on a batch of contexts, a
-    per-step seed, warmup + cosine, norm clipping), with three AdamW parameter groups.
+    """PERK's outer loop (:func:`perk_fast.meta_train`) over the meta-parameters and, when
+    ``base_lr > 0``, the base weights, in three AdamW groups: LoRA initialisation and weighting model
+    at ``meta_lr``, learned learning rates at ``lr_lr`` without decay, base weights at ``base_lr``.
+    The dataset is visited in order (one example per context, ``meta_batch`` per step); dev exact
+    match every ``dev_every`` steps and at the end.
     """
     cfg = perk_model.config
-    meta = list(perk_model.lora_A) + list(perk_model.lora_B)
-    if perk_model.weighting is not None:
-        meta += list(perk_model.weighting.parameters())
+    meta = ["lora"] + (["weighting"] if perk_model.weighting is not None else [])
     groups = [{"params": meta, "lr": recipe.meta_lr, "weight_decay": cfg.outer_weight_decay}]
     if isinstance(perk_model.inner_lrs, torch.nn.Parameter):
-        groups.append({"params": [perk_model.inner_lrs], "lr": recipe.lr_lr, "weight_decay": 0.0})
+        groups.append({"params": "inner_lrs", "lr": recipe.lr_lr, "weight_decay": 0.0})
     if recipe.base_lr > 0:
-        base = list(perk_model.hf_model.parameters())
-        for p in base:
-            p.requires_grad_(True)
-        groups.append({"params": base, "lr": recipe.base_lr, "weight_decay": cfg.outer_weight_decay})
-    for g in groups:
-        g["peak_lr"] = g["lr"]
-    params = [p for g in groups for p in g["params"]]
-    opt = torch.optim.AdamW(groups, betas=cfg.outer_betas, eps=cfg.outer_eps)
-    total = recipe.meta_steps
-    warmup = max(1, math.ceil(cfg.warmup_proportion * total))
-    history = []
+        groups.append({"params": "base", "lr": recipe.base_lr, "weight_decay": cfg.outer_weight_decay})
     start = time.perf_counter()
-    for step in range(total):
-        batch = dataset[step * recipe.meta_batch : (step + 1) * recipe.meta_batch]
-        factor = _cosine(step, total, warmup)
-        for g in opt.param_groups:
-            g["lr"] = g["peak_lr"] * factor
-        perk_model.train(True)
-        loss = perk_model.meta_loss([e.context for e in batch], [e.question for e in batch],
-                                    [e.answer for e in batch], seed=cfg.seed * 1_000_003 + step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        loss_value, grad_value = loss.item(), grad_norm.item()
-        if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
-            raise FloatingPointError(f"meta step {step + 1}: non-finite loss {loss_value} or gradient {grad_value}")
-        opt.step()
-        inner = perk_model.last_inner_losses
-        record = {"step": step + 1, "loss": loss_value, "grad_norm": grad_value,
-                  "inner_loss_first": inner[0], "inner_loss_last": inner[-1], "lr_factor": factor}
-        perk_model.train(False)
-        if dev is not None and ((step + 1) % recipe.dev_every == 0 or step + 1 == total):
-            record["dev_exact_match"] = evaluate(perk_model, dev, max_new_tokens=8, progress=False)["exact_match"]
-        history.append(record)
-        if (step + 1) % 50 == 0 or "dev_exact_match" in record:
-            recent = history[-50:]
-            msg = (f"  meta step {step + 1}/{total}  loss {sum(r['loss'] for r in recent) / len(recent):.4f}"
+    recent: list[float] = []
+
+    def dev_eval(model: PerkModel, step: int) -> dict:
+        if dev is None or (step % recipe.dev_every and step != recipe.meta_steps):
+            return {}
+        return {"dev_exact_match": evaluate(model, dev, max_new_tokens=8, progress=False)["exact_match"]}
+
+    def report(record: dict) -> None:
+        recent.append(record["loss"])
+        del recent[:-50]
+        dev_em = record.get("eval", {}).get("dev_exact_match")
+        if record["step"] % 50 == 0 or dev_em is not None:
+            msg = (f"  meta step {record['step']}/{recipe.meta_steps}  loss {sum(recent) / len(recent):.4f}"
                    f"  {time.perf_counter() - start:.0f}s")
-            if "dev_exact_match" in record:
-                msg += f"  dev EM {100 * record['dev_exact_match']:.1f}%"
+            if dev_em is not None:
+                msg += f"  dev EM {100 * dev_em:.1f}%"
             log(msg)
-    perk_model.train(False)
+
+    history = meta_train(perk_model, dataset, steps=recipe.meta_steps, batch_size=recipe.meta_batch,
+                         param_groups=groups, shuffle=False, eval_fn=dev_eval, eval_every=recipe.dev_every,
+                         on_step=report, progress=False)
+    for record in history:
+        record.update(record.pop("eval", None) or {})
     return history
 
 
@@ -331,8 +311,11 @@ def eval_systems(perk_model, ttt_model, icr_model, tokenizer, recipe: DemoRecipe
 
 
 # ----------------------------------------------------------------------------- main
-def train(recipe: DemoRecipe, out_dir: str, log=_print) -> dict:
-    """Run the three stages, evaluate on held-out seeds, write everything to ``out_dir``."""
+def train(recipe: DemoRecipe, out_dir: str, log=_print, eval_dir: str | None = None) -> dict:
+    """Run the three stages, evaluate on held-out seeds, write the models and report to ``out_dir``
+    and the held-out predictions, ``sweep.json`` and ``sweep.png`` to ``eval_dir`` (default
+    ``out_dir/eval``)."""
+    eval_dir = os.path.join(out_dir, "eval") if eval_dir is None else eval_dir
     torch.set_num_threads(recipe.threads)
     from transformers.utils import logging as hf_logging
 
@@ -404,7 +387,7 @@ def train(recipe: DemoRecipe, out_dir: str, log=_print) -> dict:
         log(f"held-out evaluation (seed {recipe.eval_seed!r}, n={recipe.eval_n} per cell)")
         ttt_model = PerkModel(load_base(os.path.join(out_dir, "base")), tokenizer, recipe.perk_config())
         final = eval_systems(perk_model, ttt_model, icr, tokenizer, recipe, n=recipe.eval_n, seed=recipe.eval_seed,
-                             icr_long_model=icr_long, out_dir=os.path.join(out_dir, "eval"))
+                             icr_long_model=icr_long, out_dir=eval_dir)
     else:
         log("held-out evaluation skipped (--eval-n 0)")
     times["eval_s"] = time.perf_counter() - t
@@ -437,6 +420,9 @@ def _parse(argv=None) -> tuple[DemoRecipe, str]:
     recipe = DemoRecipe()
     ap = argparse.ArgumentParser(prog="python -m perk_fast.demo_train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=ASSETS_DIR, help="output directory (default: the shipped assets)")
+    ap.add_argument("--eval-out", default=None,
+                    help="where the held-out predictions go (default: bench/results/demo_eval for the shipped "
+                         "assets, OUT/eval otherwise)")
     for name in ("lm_contexts", "lm_batch", "lm_steps", "meta_steps", "icr_long_steps", "meta_batch", "eval_n", "dev_n", "dev_every", "threads",
                  "hidden_size", "num_hidden_layers", "intermediate_size", "train_len", "doc_tokens"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(recipe, name))
@@ -447,15 +433,18 @@ def _parse(argv=None) -> tuple[DemoRecipe, str]:
     ap.add_argument("--eval-seed", default=recipe.eval_seed, help="seed of the held-out evaluation data")
     ap.add_argument("--perk", default="{}", help="JSON dict of PerkConfig fields overriding the recipe's")
     args = ap.parse_args(argv)
-    changes = {k: v for k, v in vars(args).items() if k not in ("out", "perk")}
+    changes = {k: v for k, v in vars(args).items() if k not in ("out", "perk", "eval_out")}
     changes["distractors"] = tuple(int(x) for x in args.distractors.split(","))
     perk = dict(recipe.perk, **json.loads(args.perk))
-    return dataclasses.replace(recipe, perk=perk, **changes), args.out
+    eval_out = args.eval_out
+    if eval_out is None and os.path.abspath(args.out) == os.path.abspath(ASSETS_DIR):
+        eval_out = SHIPPED_EVAL_DIR
+    return dataclasses.replace(recipe, perk=perk, **changes), args.out, eval_out
 
 
 def main(argv=None) -> dict:
-    recipe, out = _parse(argv)
-    return train(recipe, out)
+    recipe, out, eval_out = _parse(argv)
+    return train(recipe, out, eval_dir=eval_out)
 
 
 if __name__ == "__main__":

@@ -5,10 +5,11 @@ from typing import Any, Sequence
 
 import torch
 
-from .data import make_micro_batches, pad_id
-from .inner import run_inner_loop
+from .config import check_int
+from .engine import run_inner_loop
+from .io import model_fingerprint
 from .memory import Memory
-from .model import PerkModel, model_fingerprint
+from .model import PerkModel
 
 
 def encode(
@@ -39,10 +40,8 @@ def encode(
         raise ValueError("contexts is empty: pass at least one context")
     if batch_size is None:
         batch_size = len(contexts)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} is invalid: allowed an integer >= 1")
+    check_int("batch_size", batch_size)
     segments = perk_model.segment_contexts(contexts, rng=None)
-    pad = pad_id(perk_model.tokenizer)
     steps = perk_model.config.inner_steps
     n_batches = (len(segments) + batch_size - 1) // batch_size
     bar = None
@@ -55,14 +54,10 @@ def encode(
     perk_model.train(False)
     try:
         for start in range(0, len(segments), batch_size):
-            group = segments[start : start + batch_size]
-            micro = make_micro_batches(group, perk_model.config.segments_per_step, pad, perk_model.device)
-            params = [p.detach() for p in perk_model.initial_adapters(len(group))]
-            adapted = run_inner_loop(
-                perk_model, params, micro, differentiable=False, seed=None,
-                progress=(lambda t: bar.update(1)) if bar is not None else None,
-            )
-            parts.append([p.detach() for p in adapted])
+            problem = perk_model.inner_problem(segments[start : start + batch_size], seed=None)
+            result = run_inner_loop(problem, differentiable=False,
+                                    progress=(lambda t: bar.update(1)) if bar is not None else None)
+            parts.append([p.detach() for p in result.adapters])
     finally:
         perk_model.train(was_training)
         if bar is not None:

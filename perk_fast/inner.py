@@ -1,10 +1,11 @@
-"""The functional inner loop: differentiable AdamW / SGD with learned per-step learning rates.
+"""The inner optimisers: functional, differentiable AdamW and SGD with a learning rate per call.
 
 Parameters are a flat list of adapter tensors ``[A_0, B_0, A_1, B_1, ...]`` with a
 leading context dimension. Every update is a pure function of
-``(p_t, g_t, state_t, lr_t)`` so it can be (a) unrolled into one autograd graph
-(``meta_grad='unrolled'``) or (b) replayed step by step in reverse by the
-checkpointed meta-gradient (:mod:`perk_fast.metagrad`).
+``(p_t, g_t, state_t, lr_t)`` -- elementwise, no hidden state -- so the engine
+(:mod:`perk_fast.engine`) can (a) unroll it into one autograd graph or (b) replay it
+step by step in reverse for the flat-memory meta-gradient. The learning rate is a
+0-dim tensor: PERK learns one per adapter tensor and step.
 
 AdamW follows ``torch.optim.AdamW`` exactly (decoupled decay first, bias-corrected
 moments, eps added after the corrected square root), with one change: the square
@@ -14,15 +15,13 @@ gradients of a zero-initialised LoRA B never turn meta-gradients into NaN.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 
 from .config import PerkConfig
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .data import MicroBatch
-    from .model import PerkModel
+__all__ = ["safe_sqrt", "InnerOptimizer"]
 
 
 def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
@@ -72,64 +71,3 @@ class InnerOptimizer:
             new_params.append(p2)
             new_states.append(s2)
         return new_params, new_states
-
-
-def step_gradient(
-    model: "PerkModel",
-    params: Sequence[torch.Tensor],
-    micro_batches: Sequence["MicroBatch"],
-    step: int,
-    *,
-    create_graph: bool,
-    seed: int | None,
-) -> list[torch.Tensor]:
-    """g_t = sum over micro-batches of d L_c / d p_t (the accumulated inner gradient).
-
-    With ``create_graph`` the gradients keep their graph (second order); otherwise
-    they are plain tensors and each micro-batch's graph is freed at once.
-    """
-    total, loss_sum = None, 0.0
-    with torch.enable_grad():
-        for mb in micro_batches:
-            loss = model.inner_loss(params, mb, seed=model.pass_seed(seed, step, mb.index), second_order=create_graph)
-            grads = torch.autograd.grad(loss, params, create_graph=create_graph)
-            total = list(grads) if total is None else [a + b for a, b in zip(total, grads)]
-            loss_sum = loss_sum + loss.detach()
-    model.record_inner_loss(step, loss_sum)
-    return total
-
-
-def run_inner_loop(
-    model: "PerkModel",
-    params: list[torch.Tensor],
-    micro_batches: Sequence["MicroBatch"],
-    *,
-    differentiable: bool,
-    seed: int | None = None,
-    progress=None,
-) -> list[torch.Tensor]:
-    """T steps of the inner optimiser from ``params``; returns the adapted tensors.
-
-    ``differentiable=False`` (test-time encoding): no graph survives a step.
-    ``differentiable=True``: the plain unrolled graph; steps for which
-    ``config.second_order_step(t)`` is false use detached gradients while the
-    update path p_{t+1}(p_t, lr_t) stays differentiable.
-    """
-    config = model.config
-    opt = InnerOptimizer(config)
-    states = opt.init_state(params)
-    lrs = model.inner_lr_table()
-    for t in range(config.inner_steps):
-        if differentiable:
-            grads = step_gradient(
-                model, params, micro_batches, t, create_graph=config.second_order_step(t), seed=seed
-            )
-            params, states = opt.step(params, grads, states, lrs[:, t], t)
-        else:
-            leaves = [p.detach().requires_grad_(True) for p in params]
-            grads = step_gradient(model, leaves, micro_batches, t, create_graph=False, seed=seed)
-            with torch.no_grad():
-                params, states = opt.step([p.detach() for p in leaves], grads, states, lrs[:, t].detach(), t)
-        if progress is not None:
-            progress(t)
-    return params

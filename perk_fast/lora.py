@@ -30,6 +30,7 @@ from torch import nn
 
 from .config import DEFAULT_TARGETS, PerkConfig
 from .kernels.lora import lora_linear
+from .seeds import site_seed
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
@@ -173,7 +174,7 @@ def _lora_forward(site: LoraSite, slot: AdapterSlot, x: torch.Tensor) -> torch.T
     x3 = x.reshape(contexts, -1, site.in_features)
     lora_x = None
     if active.dropout > 0 and active.dropout_seed is not None:
-        seed = (active.dropout_seed * 1_000_003 + site.index) % (2**63 - 1)
+        seed = site_seed(active.dropout_seed, site.index)
         lora_x = x3 * dropout_mask(x3.shape, active.dropout, seed, x3.device, x3.dtype)
     module = site.module
     y = lora_linear(

@@ -1,12 +1,18 @@
-"""Memory: the per-context LoRA adapters produced by :func:`perk_fast.encode`."""
+"""Memory: the per-context LoRA adapters produced by :func:`perk_fast.encode`.
+
+A Memory is plain data -- adapter tensors, the number of documents of each context, the
+fingerprint of the base model it belongs to and the names of the projections it adapts -- so it
+can be saved, concatenated, sliced and moved without the model that wrote it.
+"""
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from .io import check_fingerprint, load_tensors, read_header, save_tensors, write_header
 
 _FORMAT_VERSION = 1
 
@@ -62,25 +68,16 @@ class Memory:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write ``memory.safetensors`` and ``memory.json`` into directory ``path``."""
-        from safetensors.torch import save_file
-
-        os.makedirs(path, exist_ok=True)
-        save_file({f"t{i}": t.detach().cpu().contiguous() for i, t in enumerate(self.tensors)},
-                  os.path.join(path, "memory.safetensors"))
-        header = {"format": "perk_fast.Memory", "version": _FORMAT_VERSION, "n_docs": self.n_docs,
-                  "base_model": self.fingerprint, "sites": self.sites, "info": self.info}
-        with open(os.path.join(path, "memory.json"), "w") as fh:
-            json.dump(header, fh, indent=2)
+        save_tensors(path, "memory.safetensors", {f"t{i}": t for i, t in enumerate(self.tensors)})
+        write_header(path, "memory.json", {"format": "perk_fast.Memory", "version": _FORMAT_VERSION,
+                                           "n_docs": self.n_docs, "base_model": self.fingerprint,
+                                           "sites": self.sites, "info": self.info})
 
     @classmethod
     def load(cls, path: str | os.PathLike, perk_model: Any = None) -> "Memory":
         """Read a memory saved with :meth:`save`; with ``perk_model``, check it belongs to it."""
-        from safetensors.torch import load_file
-
-        from .model import read_header
-
         header = read_header(path, "memory.json", "perk_fast.Memory")
-        raw = load_file(os.path.join(path, "memory.safetensors"))
+        raw = load_tensors(path, "memory.safetensors")
         tensors = [raw[f"t{i}"] for i in range(len(raw))]
         memory = cls(tensors, list(header["n_docs"]), header["base_model"], list(header["sites"]), header.get("info", {}))
         if perk_model is not None:
@@ -90,8 +87,6 @@ class Memory:
 
     def check_compatible(self, perk_model: Any) -> None:
         """Raise ValueError unless this memory was made for ``perk_model``'s base and sites."""
-        from .model import check_fingerprint
-
         check_fingerprint(self.fingerprint, perk_model.hf_model, "memory")
         sites = [s.name for s in perk_model.sites]
         if sites != self.sites:

@@ -11,8 +11,6 @@ They are fp32 (fp64 when the base is fp64) even when the base model is bf16.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 import random
 from typing import Any, Iterator, Sequence
@@ -20,61 +18,30 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from .config import PerkConfig
+from . import hf
+from .config import PerkConfig, check_int
 from .data import (
     IGNORE,
-    build_query,
-    build_segments,
+    check_batch,
     check_text,
     make_micro_batches,
     pad_id,
-    pad_rows,
+    query_batch,
     query_prompt,
+    segment_contexts,
 )
-from .inner import run_inner_loop
+from .engine import InnerProblem, adapt
+from .generation import generate_continuations
+from .inner import InnerOptimizer
+from .io import check_fingerprint, load_tensors, model_fingerprint, read_header, save_tensors, write_header
 from .lora import ActiveAdapters, AdapterSlot, init_lora_tensors, inject_lora
 from .loss import WeightingModel, lm_head_loss_sum
-from .metagrad import checkpointed_inner_loop
+from .memory import Memory
+from .seeds import call_seed, pass_seed
+
+__all__ = ["PerkModel", "model_fingerprint"]
 
 _FORMAT_VERSION = 1
-
-
-def model_fingerprint(hf_model: nn.Module) -> dict[str, Any]:
-    """What identifies a base model: its config (hashed) and a digest of its embeddings.
-
-    The digest samples the first rows of the input embeddings rounded to bf16, so it
-    survives fp32/fp64/bf16 casts and device moves but tells differently
-    initialised or trained weights apart.
-    """
-    cfg = hf_model.config.to_dict()
-    volatile = {"_name_or_path", "name_or_path", "transformers_version", "torch_dtype", "dtype", "_attn_implementation",
-                "attn_implementation", "_attn_implementation_autoset", "use_cache", "architectures"}
-    stable = {k: v for k, v in cfg.items() if k not in volatile}
-    config_hash = hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    emb = hf_model.get_input_embeddings().weight.detach()[:64].to("cpu", torch.bfloat16).contiguous()
-    weights_hash = hashlib.sha256(emb.view(torch.int16).numpy().tobytes()).hexdigest()[:16]
-    return {"model_type": cfg.get("model_type"), "config_sha": config_hash, "weights_sha": weights_hash}
-
-
-def read_header(path: str | os.PathLike, name: str, fmt: str) -> dict[str, Any]:
-    """The JSON header ``name`` of a saved directory, checked to be of format ``fmt``."""
-    header_path = os.path.join(path, name)
-    if not os.path.exists(header_path):
-        raise FileNotFoundError(f"{header_path} not found: not a saved {fmt.split('.')[-1]} directory")
-    with open(header_path) as fh:
-        header = json.load(fh)
-    if header.get("format") != fmt:
-        raise ValueError(f"{header_path}: format {header.get('format')!r} is not a {fmt}")
-    return header
-
-
-def check_fingerprint(expected: dict[str, Any], hf_model: nn.Module, what: str) -> None:
-    """Raise ValueError if ``hf_model`` is not the base model ``expected`` describes."""
-    actual = model_fingerprint(hf_model)
-    if expected != actual:
-        raise ValueError(
-            f"{what} belongs to a different base model: saved for {expected}, but this model is {actual}"
-        )
 
 
 class PerkModel(nn.Module):
@@ -93,23 +60,8 @@ class PerkModel(nn.Module):
         config = PerkConfig() if config is None else config
         if not isinstance(config, PerkConfig):
             raise TypeError(f"config must be a PerkConfig, got {type(config).__name__}")
-        if not isinstance(hf_model, nn.Module) or not hasattr(hf_model, "config"):
-            raise TypeError(f"hf_model must be a transformers model, got {type(hf_model).__name__}")
-        model_type = getattr(hf_model.config, "model_type", type(hf_model).__name__)
-        prefix = getattr(hf_model, "base_model_prefix", "")
-        if not prefix or not isinstance(getattr(hf_model, prefix, None), nn.Module):
-            raise ValueError(f"model type {model_type!r}: no decoder body (base_model_prefix) found; need a *ForCausalLM")
-        head = hf_model.get_output_embeddings()
-        if head is None or not hasattr(head, "weight"):
-            raise ValueError(f"model type {model_type!r}: no output embeddings (LM head) found; need a *ForCausalLM")
-        if getattr(head, "bias", None) is not None:
-            raise ValueError(f"model type {model_type!r}: LM heads with a bias are not supported")
-        attn = getattr(hf_model.config, "_attn_implementation", None)
-        if attn not in (None, "eager", "sdpa"):
-            raise ValueError(
-                f"model type {model_type!r} uses attn_implementation={attn!r}; PERK's second-order passes need "
-                "'sdpa' or 'eager' (fused kernels are still used where no second order is needed)"
-            )
+        hf.check_causal_lm(hf_model)
+        head = hf.lm_head(hf_model)
         self.config = config
         self.tokenizer = tokenizer
         self.hf_model = hf_model
@@ -141,18 +93,18 @@ class PerkModel(nn.Module):
         else:
             self.weighting = None
         self._calls = 0
-        self._inner_losses: list[torch.Tensor] = []
+        self._inner_losses: list[torch.Tensor] = []  # of the latest inner loop (see last_inner_losses)
         super().train(False)
 
     # ------------------------------------------------------------------ basics
     @property
     def body(self) -> nn.Module:
         """The decoder without its LM head (its output is the final normed hidden state)."""
-        return getattr(self.hf_model, self.hf_model.base_model_prefix)
+        return hf.decoder_body(self.hf_model)
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
-        return self.hf_model.get_output_embeddings().weight
+        return hf.lm_head(self.hf_model).weight
 
     @property
     def device(self) -> torch.device:
@@ -204,16 +156,6 @@ class PerkModel(nn.Module):
         """Inner loss (summed over contexts) at each step of the latest inner loop."""
         return [float(v) for v in self._inner_losses]
 
-    def record_inner_loss(self, step: int, value: torch.Tensor) -> None:
-        """Called by the inner loop once per step (kept as tensors: no host sync here)."""
-        if step == 0:
-            self._inner_losses = []
-        self._inner_losses.append(value)
-
-    def inner_lr_table(self) -> torch.Tensor:
-        """(2 * sites, T) learning rates, row 2i for A_i and 2i+1 for B_i."""
-        return self.inner_lrs
-
     def initial_adapters(self, n_contexts: int) -> list[torch.Tensor]:
         """The meta-initialisation broadcast to ``n_contexts`` contexts: [A_0, B_0, A_1, ...]."""
         out = []
@@ -222,12 +164,15 @@ class PerkModel(nn.Module):
             out.append(b.unsqueeze(0).expand(n_contexts, *b.shape))
         return out
 
-    def pass_seed(self, seed: int | None, step: int | str, micro_batch: int = 0) -> int | None:
-        """Seed of one forward pass's dropout masks, derived from the call's seed."""
+    def init_tensors(self) -> list[nn.Parameter]:
+        """The shared initial adapters in the engine's order: [A_0, B_0, A_1, B_1, ...]."""
+        return [x for pair in zip(self.lora_A, self.lora_B) for x in pair]
+
+    def _pass_seed(self, seed: int | None, step: int | str, micro_batch: int = 0) -> int | None:
+        """Dropout seed of one forward pass of call ``seed`` (None: no dropout in this pass)."""
         if seed is None or not self.training or self.config.lora_dropout == 0:
             return None
-        tag = f"{seed}:{step}:{micro_batch}".encode()
-        return int.from_bytes(hashlib.blake2b(tag, digest_size=7).digest(), "little")
+        return pass_seed(seed, step, micro_batch)
 
     # ------------------------------------------------------------------ forward passes
     @contextlib.contextmanager
@@ -280,7 +225,7 @@ class PerkModel(nn.Module):
     def outer_loss(self, params: Sequence[torch.Tensor], query: tuple[torch.Tensor, torch.Tensor], *, seed=None):
         """Mean over contexts of the mean CE on each question's target tokens."""
         input_ids, labels = query
-        hidden = self.hidden_states(input_ids, params, seed=self.pass_seed(seed, "outer"), second_order=False)
+        hidden = self.hidden_states(input_ids, params, seed=self._pass_seed(seed, "outer"), second_order=False)
         d = hidden.shape[-1]
         labels = labels[:, 1:]
         counts = (labels != IGNORE).sum(1).clamp_min(1)
@@ -291,57 +236,44 @@ class PerkModel(nn.Module):
         )
 
     # ------------------------------------------------------------------ data
-    def _check_batch(self, contexts, questions, answers=None, supports=None) -> None:
-        if isinstance(contexts, str) or not isinstance(contexts, Sequence):
-            raise TypeError("contexts must be a list of contexts (each a string or a list of documents)")
-        n = len(contexts)
-        if n == 0:
-            raise ValueError("contexts is empty: pass at least one context")
-        for name, values in (("questions", questions), ("answers", answers), ("supports", supports)):
-            if values is None:
-                continue
-            if isinstance(values, str) or not isinstance(values, Sequence):
-                raise TypeError(f"{name} must be a list with one entry per context")
-            if len(values) != n:
-                raise ValueError(f"{len(values)} {name} for {n} contexts: pass one per context")
-        for i, q in enumerate(questions or []):
-            check_text(q, f"questions[{i}]")
-        for i, a in enumerate(answers or []):
-            check_text(a, f"answers[{i}]")
-
     def segment_contexts(self, contexts, rng: random.Random | None = None):
         """Tokenise contexts into segments (doc ids permuted when ``rng`` is given)."""
-        return [
-            build_segments(self.tokenizer, c, self.config.segment_len, rng, where=f"contexts[{i}]")
-            for i, c in enumerate(contexts)
-        ]
+        return segment_contexts(self.tokenizer, contexts, self.config.segment_len, rng)
 
     def query_batch(self, questions, answers, supports, n_docs) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded (input ids, labels) of the question rows."""
-        rows = [
-            build_query(self.tokenizer, q, a, None if supports is None else supports[i], n_docs[i])
-            for i, (q, a) in enumerate(zip(questions, answers))
-        ]
-        pad = pad_id(self.tokenizer)
-        ids = pad_rows([r[0] for r in rows], pad).to(self.device)
-        labels = pad_rows([r[1] for r in rows], IGNORE).to(self.device)
-        return ids, labels
+        return query_batch(self.tokenizer, questions, answers, supports, n_docs, self.device)
 
     # ------------------------------------------------------------------ PERK
     def next_seed(self) -> int:
         """A fresh per-call seed (doc-id shuffle, dropout masks) from ``config.seed`` and a counter."""
         self._calls += 1
-        return self.config.seed * 1_000_003 + self._calls
+        return call_seed(self.config.seed, self._calls)
+
+    def inner_problem(self, segments, *, seed: int | None) -> InnerProblem:
+        """The engine's view of writing ``segments`` (one entry per context) into their adapters.
+
+        The loss of a micro-batch is :meth:`inner_loss` with the dropout masks of (``seed``, step,
+        micro-batch); the meta-gradient reaches the LoRA initialisation, the learned learning
+        rates and the token-weighting model.
+        """
+        cfg = self.config
+        micro = make_micro_batches(segments, cfg.segments_per_step, pad_id(self.tokenizer), self.device)
+
+        def loss(adapters, mb, step, second_order):
+            return self.inner_loss(adapters, mb, seed=self._pass_seed(seed, step, mb.index), second_order=second_order)
+
+        return InnerProblem(
+            loss=loss, micro_batches=micro, init=self.init_tensors(), n_contexts=len(segments), lrs=self.inner_lrs,
+            optimizer=InnerOptimizer(cfg), second_order=[cfg.second_order_step(t) for t in range(cfg.inner_steps)],
+            weights=list(self.weighting.parameters()) if self.weighting is not None else [],
+        )
 
     def adapt(self, segments, *, seed: int | None) -> list[torch.Tensor]:
         """Adapted adapters [A_0, B_0, ...] of the contexts, differentiable w.r.t. the meta-parameters."""
-        micro = make_micro_batches(segments, self.config.segments_per_step, pad_id(self.tokenizer), self.device)
-        if self.config.meta_grad in ("checkpointed", "recomputed"):
-            return checkpointed_inner_loop(self, micro, len(segments), seed=seed)
-        # under no_grad nothing is differentiated: the same values without any graph
-        return run_inner_loop(
-            self, self.initial_adapters(len(segments)), micro, differentiable=torch.is_grad_enabled(), seed=seed
-        )
+        result = adapt(self.inner_problem(segments, seed=seed), self.config.meta_grad)
+        self._inner_losses = result.losses
+        return result.adapters
 
     def meta_loss(self, contexts, questions, answers, supports=None, *, seed: int | None = None) -> torch.Tensor:
         """Outer loss of a batch of B contexts, differentiable w.r.t. ``meta_parameters()``.
@@ -351,7 +283,7 @@ class PerkModel(nn.Module):
         with memory i; the result is the mean over contexts. ``seed`` fixes the doc-id
         permutation and the dropout masks of this call (default: a fresh one).
         """
-        self._check_batch(contexts, questions, answers, supports)
+        check_batch(contexts, questions, answers, supports)
         seed = self.next_seed() if seed is None else seed
         rng = random.Random(seed) if (self.training and self.config.shuffle_docs) else None
         segments = self.segment_contexts(contexts, rng)
@@ -361,8 +293,6 @@ class PerkModel(nn.Module):
 
     def generate(self, memory, questions: Sequence[str], max_new_tokens: int = 32) -> list[str]:
         """Greedy answers: question i from memory i (or one memory for all questions)."""
-        from .memory import Memory
-
         if not isinstance(memory, Memory):
             raise TypeError(f"memory must be a perk_fast.Memory (from encode), got {type(memory).__name__}")
         check_fingerprint(memory.fingerprint, self.hf_model, "memory")
@@ -370,8 +300,7 @@ class PerkModel(nn.Module):
             raise ValueError("questions must be a non-empty list of strings")
         for i, q in enumerate(questions):
             check_text(q, f"questions[{i}]")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: allowed an integer >= 1")
+        check_int("max_new_tokens", max_new_tokens)
         n = len(questions)
         if len(memory) == 1 and n > 1:
             memory = memory.expand(n)
@@ -379,51 +308,34 @@ class PerkModel(nn.Module):
             raise ValueError(f"{n} questions for a memory of {len(memory)} contexts: pass one per context, or one memory")
         prompts = [self.tokenizer.encode(query_prompt(q, memory.n_docs[i]), add_special_tokens=False)
                    for i, q in enumerate(questions)]
-        pad = pad_id(self.tokenizer)
-        length = max(len(p) for p in prompts)
-        ids = torch.full((n, length), pad, dtype=torch.long)
-        mask = torch.zeros((n, length), dtype=torch.long)
-        for i, p in enumerate(prompts):  # left padding: generation continues every row at the end
-            ids[i, length - len(p):] = torch.tensor(p)
-            mask[i, length - len(p):] = 1
         params = [t.to(self.device) for t in memory.tensors]
-        with torch.no_grad(), self.adapters_active(params, None):
-            out = self.hf_model.generate(
-                input_ids=ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=max_new_tokens,
-                do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=self.tokenizer.eos_token_id,
-            )
-        return [self.tokenizer.decode(row[length:], skip_special_tokens=True).strip() for row in out.tolist()]
+        with self.adapters_active(params, None):
+            new = generate_continuations(self.hf_model, prompts, pad_id=pad_id(self.tokenizer),
+                                         eos_id=self.tokenizer.eos_token_id, max_new_tokens=max_new_tokens)
+        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:
         """Write the meta-parameters (safetensors) and a JSON header into directory ``path``."""
-        from safetensors.torch import save_file
-
-        os.makedirs(path, exist_ok=True)
-        tensors = {name: p.detach().to("cpu").contiguous() for name, p in self.named_meta_parameters()}
+        tensors = dict(self.named_meta_parameters())
         if not isinstance(self.inner_lrs, nn.Parameter):
-            tensors["inner_lrs"] = self.inner_lrs.detach().cpu().contiguous()
-        save_file(tensors, os.path.join(path, "meta_parameters.safetensors"))
-        header = {
+            tensors["inner_lrs"] = self.inner_lrs
+        save_tensors(path, "meta_parameters.safetensors", tensors)
+        write_header(path, "perk_model.json", {
             "format": "perk_fast.PerkModel",
             "version": _FORMAT_VERSION,
             "config": self.config.to_dict(),
             "base_model": model_fingerprint(self.hf_model),
             "sites": [s.name for s in self.sites],
-        }
-        with open(os.path.join(path, "perk_model.json"), "w") as fh:
-            json.dump(header, fh, indent=2)
+        })
 
     @classmethod
     def load(cls, path: str | os.PathLike, hf_model: nn.Module, tokenizer: Any) -> "PerkModel":
         """Rebuild a PerkModel saved with :meth:`save` on ``hf_model`` (checked to be the same base)."""
-        from safetensors.torch import load_file
-
         header = read_header(path, "perk_model.json", "perk_fast.PerkModel")
         check_fingerprint(header["base_model"], hf_model, f"PerkModel at {path}")
         model = cls(hf_model, tokenizer, PerkConfig.from_dict(header["config"]))
-        tensors = load_file(os.path.join(path, "meta_parameters.safetensors"))
-        model.load_meta_state(tensors)
+        model.load_meta_state(load_tensors(path, "meta_parameters.safetensors"))
         return model
 
     def load_meta_state(self, tensors: dict[str, torch.Tensor]) -> None:

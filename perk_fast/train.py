@@ -1,13 +1,14 @@
 """Meta-training: the outer loop of PERK.
 
-Outer AdamW over ``PerkModel.meta_parameters()`` with linear warmup then cosine
-decay and gradient-norm clipping. Each step draws a batch of examples, writes each
-context into its own adapter (the inner loop), scores the questions from those
-memories and backpropagates the meta-gradient (``config.meta_grad`` strategy).
+Outer AdamW over parameter groups (by default every meta-parameter of the PerkModel at
+``config.outer_lr``), linear warmup then cosine decay (:mod:`perk_fast.schedule`) and
+gradient-norm clipping. Each step draws a batch of examples, writes each context into its own
+adapter (the inner loop), scores the questions from those memories and backpropagates the
+meta-gradient (``config.meta_grad`` strategy).
 
-Checkpoints (safetensors + JSON) hold the meta-parameters, the optimiser and
-scheduler state and the history. The data order and every per-step seed are pure
-functions of ``config.seed`` and the step, so a resumed run continues exactly as an
+Checkpoints (safetensors + JSON) hold the meta-parameters, any trained base weights, the
+optimiser state and the history. The data order and every per-step seed are pure functions of
+``config.seed`` and the step (:mod:`perk_fast.seeds`), so a resumed run continues exactly as an
 uninterrupted one would.
 """
 from __future__ import annotations
@@ -15,85 +16,141 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from .config import check_int
+from .data import example_field
+from .io import check_fingerprint, load_tensors, read_header, replace_dir, save_tensors
 from .model import PerkModel
+from .schedule import warmup_cosine, warmup_steps
+from .seeds import call_seed, epoch_order
+
+__all__ = ["meta_train", "GROUP_SELECTORS"]
+
+# names meta_train accepts for the "params" of a parameter group
+GROUP_SELECTORS = ("meta", "lora", "inner_lrs", "weighting", "base")
 
 
-def _field(example: Any, name: str, index: int, required: bool = True):
-    if isinstance(example, dict):
-        value = example.get(name)
-    else:
-        value = getattr(example, name, None)
-    if value is None and required:
-        raise ValueError(f"dataset[{index}] has no {name!r}: every example needs context, question and answer")
-    return value
+def _select_one(perk_model: PerkModel, selector: str, index: int) -> list[torch.nn.Parameter]:
+    if selector == "meta":
+        return list(perk_model.meta_parameters())
+    if selector == "lora":
+        return list(perk_model.lora_A) + list(perk_model.lora_B)
+    if selector == "inner_lrs":
+        if not isinstance(perk_model.inner_lrs, torch.nn.Parameter):
+            raise ValueError(f"param_groups[{index}]: 'inner_lrs' are not learned (PerkConfig.learn_inner_lr=False)")
+        return [perk_model.inner_lrs]
+    if selector == "weighting":
+        if perk_model.weighting is None:
+            raise ValueError(f"param_groups[{index}]: no weighting model (PerkConfig.weighted_loss=False)")
+        return list(perk_model.weighting.parameters())
+    if selector == "base":
+        return list(perk_model.hf_model.parameters())
+    raise ValueError(f"param_groups[{index}]['params'] names {selector!r}: allowed "
+                     f"{', '.join(map(repr, GROUP_SELECTORS))} or parameters of the PerkModel")
 
 
-def _schedule(total: int, warmup_proportion: float) -> Callable[[int], float]:
-    warmup = math.ceil(warmup_proportion * total)
+def _select(perk_model: PerkModel, selector: Any, index: int) -> list[torch.nn.Parameter]:
+    """The parameters a group's ``params`` names: a selector name, a parameter, or a list of them."""
+    items = [selector] if isinstance(selector, (str, torch.Tensor)) else list(selector)
+    own = {id(p) for p in perk_model.parameters()}
+    params = []
+    for item in items:
+        if isinstance(item, str):
+            params += _select_one(perk_model, item, index)
+        elif isinstance(item, torch.nn.Parameter) and id(item) in own:
+            params.append(item)
+        else:
+            raise ValueError(f"param_groups[{index}]['params'] holds {type(item).__name__} that is neither a "
+                             f"selector ({', '.join(GROUP_SELECTORS)}) nor a parameter of this PerkModel")
+    return params
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        span = max(total - warmup, 1)
-        return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, span) / span))
 
-    return factor
+def _build_groups(perk_model: PerkModel, param_groups: Sequence[Mapping[str, Any]] | None) -> list[dict]:
+    """AdamW parameter groups with their peak learning rates (``initial_lr``)."""
+    config = perk_model.config
+    if param_groups is None:
+        param_groups = [{"params": "meta"}]
+    if isinstance(param_groups, Mapping) or not isinstance(param_groups, Sequence) or not param_groups:
+        raise ValueError("param_groups must be a non-empty list of dicts, each with 'params'")
+    groups, seen = [], set()
+    for i, spec in enumerate(param_groups):
+        if not isinstance(spec, Mapping) or "params" not in spec:
+            raise ValueError(f"param_groups[{i}]={spec!r} is invalid: allowed a dict with 'params' and AdamW options")
+        unknown = sorted(set(spec) - {"params", "lr", "weight_decay", "betas", "eps"})
+        if unknown:
+            raise ValueError(f"param_groups[{i}] has unknown keys {unknown}; allowed: params, lr, weight_decay, "
+                             "betas, eps")
+        params = _select(perk_model, spec["params"], i)
+        for p in params:
+            if id(p) in seen:
+                raise ValueError(f"param_groups[{i}]: a parameter appears in two groups")
+            seen.add(id(p))
+        group = {"params": params, "lr": spec.get("lr", config.outer_lr),
+                 "weight_decay": spec.get("weight_decay", config.outer_weight_decay)}
+        for key in ("betas", "eps"):
+            if key in spec:
+                group[key] = spec[key]
+        group["initial_lr"] = group["lr"]
+        groups.append(group)
+    return groups
 
 
-def _order(n: int, seed: int, epoch: int) -> list[int]:
-    idx = list(range(n))
-    random.Random(seed * 7919 + epoch).shuffle(idx)
-    return idx
+def _names(perk_model: PerkModel) -> dict[int, str]:
+    return {id(p): n for n, p in perk_model.named_parameters()}
 
 
 def _save_checkpoint(path: str, perk_model: PerkModel, optimizer, step: int, history: list) -> None:
-    from safetensors.torch import save_file
-
     tmp = path + ".tmp"
     perk_model.save(tmp)
-    names = {id(p): n for n, p in perk_model.named_meta_parameters()}
+    names = _names(perk_model)
+    meta_ids = {id(p) for p in perk_model.meta_parameters()}
+    base = {}
     tensors, meta = {}, {"step": step, "history": history, "param_groups": [], "state_steps": {}}
     for group in optimizer.param_groups:
         meta["param_groups"].append({k: v for k, v in group.items() if k != "params"})
         for p in group["params"]:
+            name = names[id(p)]
+            if id(p) not in meta_ids:
+                base[name] = p  # trained base weights: PerkModel.save does not hold them
             state = optimizer.state.get(p)
             if not state:
                 continue
-            name = names[id(p)]
-            tensors[f"{name}::exp_avg"] = state["exp_avg"].detach().cpu().contiguous()
-            tensors[f"{name}::exp_avg_sq"] = state["exp_avg_sq"].detach().cpu().contiguous()
+            tensors[f"{name}::exp_avg"] = state["exp_avg"]
+            tensors[f"{name}::exp_avg_sq"] = state["exp_avg_sq"]
             meta["state_steps"][name] = float(state["step"])
-    save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
+    save_tensors(tmp, "optimizer.safetensors", tensors)
+    if base:
+        save_tensors(tmp, "trained_base.safetensors", base)
     with open(os.path.join(tmp, "trainer_state.json"), "w") as fh:
         json.dump(meta, fh, indent=2)
-    if os.path.exists(path):
-        import shutil
-
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    replace_dir(tmp, path)
 
 
 def _load_checkpoint(path: str, perk_model: PerkModel, optimizer) -> tuple[int, list]:
-    from safetensors.torch import load_file
-
-    from .model import check_fingerprint, read_header
-
     header = read_header(path, "perk_model.json", "perk_fast.PerkModel")
-    check_fingerprint(header["base_model"], perk_model.hf_model, f"checkpoint {path}")
     if header["config"] != perk_model.config.to_dict():
         raise ValueError(f"checkpoint {path} was written with a different PerkConfig: {header['config']}")
+    params = dict(perk_model.named_parameters())
+    base_file = os.path.join(path, "trained_base.safetensors")
+    if os.path.exists(base_file):  # the base was trained: its fingerprint changed with it
+        with torch.no_grad():
+            for name, value in load_tensors(path, "trained_base.safetensors").items():
+                if name not in params or params[name].shape != value.shape:
+                    raise ValueError(f"checkpoint {path}: trained base weight {name} does not fit this model")
+                params[name].copy_(value)
+    check_fingerprint(header["base_model"], perk_model.hf_model, f"checkpoint {path}")
     perk_model.load_meta_state(
-        {k: v.to(perk_model.device) for k, v in load_file(os.path.join(path, "meta_parameters.safetensors")).items()}
+        {k: v.to(perk_model.device) for k, v in load_tensors(path, "meta_parameters.safetensors").items()}
     )
     with open(os.path.join(path, "trainer_state.json")) as fh:
         meta = json.load(fh)
-    tensors = load_file(os.path.join(path, "optimizer.safetensors"))
-    params = dict(perk_model.named_meta_parameters())
+    tensors = load_tensors(path, "optimizer.safetensors")
+    if len(meta["param_groups"]) != len(optimizer.param_groups):
+        raise ValueError(f"checkpoint {path} has {len(meta['param_groups'])} parameter groups, this run "
+                         f"{len(optimizer.param_groups)}")
     for group, saved in zip(optimizer.param_groups, meta["param_groups"]):
         group.update(saved)
     for name, step in meta["state_steps"].items():
@@ -113,8 +170,11 @@ def meta_train(
     steps: int | None = None,
     epochs: int = 1,
     batch_size: int = 1,
+    param_groups: Sequence[Mapping[str, Any]] | None = None,
+    shuffle: bool = True,
     eval_fn: Callable[[PerkModel, int], dict] | None = None,
     eval_every: int | None = None,
+    on_step: Callable[[dict], None] | None = None,
     checkpoint_dir: str | None = None,
     checkpoint_every: int | None = None,
     resume: bool = False,
@@ -128,8 +188,19 @@ def meta_train(
             ``support``.
         steps: outer steps (default: ``epochs`` passes over the dataset).
         batch_size: contexts per outer step (adapted together, batched).
+        param_groups: AdamW parameter groups, each a dict with ``params`` -- ``"meta"`` (every
+            meta-parameter), ``"lora"`` (the LoRA initialisation), ``"inner_lrs"``, ``"weighting"``,
+            ``"base"`` (the base model's weights, trained jointly) or a list of the PerkModel's
+            parameters -- and optionally ``lr`` (peak; default ``config.outer_lr``),
+            ``weight_decay`` (default ``config.outer_weight_decay``), ``betas``, ``eps``. Every
+            group follows the same warmup + cosine schedule relative to its own peak. Default:
+            ``[{"params": "meta"}]``. Base weights in a group are unfrozen for the run and frozen
+            again when it ends.
+        shuffle: visit the dataset in a seeded random order per epoch (default); ``False`` visits
+            it in order.
         eval_fn: called as ``eval_fn(perk_model, step)`` every ``eval_every`` steps and
             at the end; the dict it returns is stored in the history.
+        on_step: called with each step's history entry once the step is done (logging).
         checkpoint_dir: where checkpoints go (``checkpoint_dir/last``), every
             ``checkpoint_every`` steps, at the end, and when training is interrupted by
             an exception (which is then re-raised).
@@ -138,30 +209,29 @@ def meta_train(
         progress: a tqdm bar showing the outer loss and the inner loss (first -> last step).
 
     History entries: ``step``, ``loss`` (outer), ``inner_loss_first``/``inner_loss_last``
-    (inner loss at the first and last inner step, summed over contexts), ``lr``,
-    ``grad_norm``, and ``eval`` when evaluated.
+    (inner loss at the first and last inner step, summed over contexts), ``lr`` (of the first
+    group), ``grad_norm``, and ``eval`` when evaluated.
     """
     if not isinstance(perk_model, PerkModel):
         raise TypeError(f"meta_train expects a PerkModel, got {type(perk_model).__name__}")
     if len(dataset) == 0:
         raise ValueError("dataset is empty")
-    for name, value in (("batch_size", batch_size), ("epochs", epochs)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r} is invalid: allowed an integer >= 1")
+    check_int("batch_size", batch_size)
+    check_int("epochs", epochs)
     for name, value in (("steps", steps), ("eval_every", eval_every), ("checkpoint_every", checkpoint_every)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name}={value!r} is invalid: allowed None or an integer >= 1")
+        check_int(name, value, allow_none=True)
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir")
     config = perk_model.config
     per_epoch = math.ceil(len(dataset) / batch_size)
     total = steps if steps is not None else epochs * per_epoch
-    params = list(perk_model.meta_parameters())
-    optimizer = torch.optim.AdamW(
-        params, lr=config.outer_lr, betas=config.outer_betas, eps=config.outer_eps,
-        weight_decay=config.outer_weight_decay,
-    )
-    factor = _schedule(total, config.warmup_proportion)
+    groups = _build_groups(perk_model, param_groups)
+    params = [p for g in groups for p in g["params"]]
+    meta_ids = {id(p) for p in perk_model.meta_parameters()}
+    unfrozen = [p for p in params if id(p) not in meta_ids and not p.requires_grad]
+    optimizer = torch.optim.AdamW(groups, lr=config.outer_lr, betas=config.outer_betas, eps=config.outer_eps,
+                                  weight_decay=config.outer_weight_decay)
+    warmup = warmup_steps(total, config.warmup_proportion)
     start, history = 0, []
     last = os.path.join(checkpoint_dir, "last") if checkpoint_dir else None
     if resume:
@@ -174,25 +244,25 @@ def meta_train(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, initial=start, desc="meta_train", unit="step")
+    for p in unfrozen:
+        p.requires_grad_(True)
     perk_model.train(True)
-    step = start
     try:
         for step in range(start, total):
             epoch, pos = divmod(step, per_epoch)
-            order = _order(len(dataset), config.seed, epoch)
+            order = epoch_order(len(dataset), config.seed, epoch) if shuffle else range(len(dataset))
             batch = [dataset[i] for i in order[pos * batch_size : (pos + 1) * batch_size]]
-            contexts = [_field(e, "context", i) for i, e in enumerate(batch)]
-            questions = [_field(e, "question", i) for i, e in enumerate(batch)]
-            answers = [_field(e, "answer", i) for i, e in enumerate(batch)]
-            supports = [_field(e, "support", i, required=False) for i, e in enumerate(batch)]
+            contexts = [example_field(e, "context", i) for i, e in enumerate(batch)]
+            questions = [example_field(e, "question", i) for i, e in enumerate(batch)]
+            answers = [example_field(e, "answer", i) for i, e in enumerate(batch)]
+            supports = [example_field(e, "support", i, required=False) for i, e in enumerate(batch)]
             if all(s is None for s in supports):
                 supports = None
-            lr = config.outer_lr * factor(step)
+            factor = warmup_cosine(step, total, warmup)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = group["initial_lr"] * factor
             optimizer.zero_grad(set_to_none=True)
-            seed = config.seed * 1_000_003 + step
-            loss = perk_model.meta_loss(contexts, questions, answers, supports, seed=seed)
+            loss = perk_model.meta_loss(contexts, questions, answers, supports, seed=call_seed(config.seed, step))
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             inner = perk_model.last_inner_losses
@@ -201,7 +271,7 @@ def meta_train(
                 "loss": float(loss.detach()),
                 "inner_loss_first": inner[0] if inner else None,
                 "inner_loss_last": inner[-1] if inner else None,
-                "lr": lr,
+                "lr": optimizer.param_groups[0]["lr"],
                 "grad_norm": float(grad_norm),
             }
             if not math.isfinite(record["loss"]) or not math.isfinite(record["grad_norm"]):
@@ -212,6 +282,8 @@ def meta_train(
                 perk_model.train(False)
                 record["eval"] = eval_fn(perk_model, step + 1)
                 perk_model.train(True)
+            if on_step is not None:
+                on_step(record)
             if bar is not None:
                 bar.update(1)
                 postfix = {"outer": f"{record['loss']:.4f}"}
@@ -228,6 +300,8 @@ def meta_train(
         if bar is not None:
             bar.close()
         perk_model.train(False)
+        for p in unfrozen:
+            p.requires_grad_(False)
     if last:
         _save_checkpoint(last, perk_model, optimizer, total, history)
     return history

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from perk_fast import demo
-from perk_fast.demo_train import ASSETS_DIR, DemoRecipe, icr_long_name, task_examples
+from perk_fast.demo_train import ASSETS_DIR, SHIPPED_EVAL_DIR, DemoRecipe, icr_long_name, task_examples
 from perk_fast.evaluate import evaluate
 from perk_fast.model import model_fingerprint
 from perk_fast.tasks import generate
@@ -57,7 +57,7 @@ def test_shipped_predictions_are_reproduced():
     d = demo.load_demo()
     report = _report()
     length = report["recipe"]["eval_lengths"][-1]
-    path = os.path.join(ASSETS_DIR, "eval", "PERK", f"L{length}_mid", "predictions.jsonl")
+    path = os.path.join(SHIPPED_EVAL_DIR, "PERK", f"L{length}_mid", "predictions.jsonl")
     with open(path, encoding="utf-8") as fh:
         shipped = [json.loads(line) for line in fh][:3]
     data = generate(d.recipe.task, 3, seed=report["eval"]["seed"], context_tokens=length, position="mid",
