@@ -20,7 +20,7 @@ This module turns text into tensors and nothing more: it knows tokenizers, not m
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -207,6 +207,8 @@ class MicroBatch:
     ``contexts`` are the indices (into the batch of contexts) of the contexts that
     have rows here, ``rows_per_context`` rows each; ``row_scale`` (rows,) is
     1 / n_positions of each row's context (the per-context mean normaliser).
+    ``row_ids[r]`` is (global index of the row's context, index of its segment in that
+    context; -1 for a pad row): what keys the row's dropout mask.
     """
 
     input_ids: torch.Tensor  # (rows, L)
@@ -214,7 +216,8 @@ class MicroBatch:
     contexts: torch.Tensor  # (C_active,)
     rows_per_context: int
     row_scale: torch.Tensor  # (rows,) float64
-    index: int  # position of this micro-batch in the step (seeds dropout)
+    index: int  # position of this micro-batch in the step
+    row_ids: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def n_real_tokens(self) -> int:
@@ -231,9 +234,12 @@ def pad_rows(rows: list[list[int]], value: int) -> torch.Tensor:
 
 
 def make_micro_batches(
-    contexts: list[ContextSegments], segments_per_step: int, pad: int, device: torch.device | str | None = None
+    contexts: list[ContextSegments], segments_per_step: int, pad: int, device: torch.device | str | None = None,
+    context_ids: Sequence[int] | None = None,
 ) -> list[MicroBatch]:
     """Split the segments of every context into micro-batches.
+
+    ``context_ids`` are the contexts' global indices (default 0..B-1), recorded in ``row_ids``.
 
     Micro-batch c holds segments ``[c*k, (c+1)*k)`` of each context that still has
     some (k = ``segments_per_step``); contexts with fewer get one-token pad rows
@@ -242,18 +248,23 @@ def make_micro_batches(
     context encoded alone or in a batch sums the same gradients.
     """
     k = segments_per_step
+    context_ids = list(range(len(contexts))) if context_ids is None else list(context_ids)
+    if len(context_ids) != len(contexts):
+        raise ValueError(f"{len(context_ids)} context_ids for {len(contexts)} contexts")
     n_chunks = max((len(c.segments) + k - 1) // k for c in contexts)
     batches = []
     for chunk in range(n_chunks):
         parts = {ci: ctx.segments[chunk * k : (chunk + 1) * k] for ci, ctx in enumerate(contexts)}
         active = [ci for ci, part in parts.items() if part]
         per_ctx = max(len(parts[ci]) for ci in active)
-        ids, labels, scale = [], [], []
+        ids, labels, scale, row_ids = [], [], [], []
         for ci in active:
-            part = parts[ci] + [([pad], [IGNORE])] * (per_ctx - len(parts[ci]))
+            real = len(parts[ci])
+            part = parts[ci] + [([pad], [IGNORE])] * (per_ctx - real)
             ids += [seg_ids for seg_ids, _ in part]
             labels += [seg_labels for _, seg_labels in part]
             scale += [1.0 / contexts[ci].n_positions] * per_ctx
+            row_ids += [(context_ids[ci], chunk * k + j if j < real else -1) for j in range(per_ctx)]
         batches.append(
             MicroBatch(
                 input_ids=pad_rows(ids, pad).to(device),
@@ -262,6 +273,7 @@ def make_micro_batches(
                 rows_per_context=per_ctx,
                 row_scale=torch.tensor(scale, dtype=torch.float64, device=device),
                 index=chunk,
+                row_ids=row_ids,
             )
         )
     return batches

@@ -14,8 +14,9 @@ so the layer sees them as (C, k * tokens, in) and calls the fused batched op
 
     y = x Wᵀ + bias + s · (dropout(x) A_cᵀ) B_cᵀ,   s = alpha / sqrt(r) (rsLoRA) or alpha / r
 
-Dropout masks are drawn from a generator seeded by (seed of the pass, layer index),
-so a pass can be replayed bit-exactly (needed by the checkpointed meta-gradient).
+Dropout masks come from a counter-based generator keyed per row (pass seed, the row's
+context, its segment) and per projection, so a pass can be replayed bit-exactly (needed
+by the checkpointed meta-gradient) and a context's masks do not depend on its batch.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from torch import nn
 
 from .config import DEFAULT_TARGETS, PerkConfig
 from .kernels.lora import lora_linear
-from .seeds import site_seed
+from .seeds import keyed_uniform
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
@@ -55,7 +56,7 @@ class ActiveAdapters:
     tensors: list[tuple[torch.Tensor, torch.Tensor]]  # per site: A (C, r, in), B (C, out, r)
     scale: float
     dropout: float = 0.0
-    dropout_seed: int | None = None  # None: no dropout in this pass
+    dropout_keys: torch.Tensor | None = None  # (rows,) int64 per-row keys; None: no dropout in this pass
 
 
 class AdapterSlot:
@@ -151,11 +152,11 @@ def remove_lora(sites: list[LoraSite]) -> None:
         site.module._perk_fast_site = None
 
 
-def dropout_mask(shape: torch.Size, p: float, seed: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Inverted-dropout mask (values 0 or 1/(1-p)) drawn from a generator seeded with ``seed``."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    keep = torch.rand(shape, generator=gen, device=device) >= p
+def dropout_mask(keys: torch.Tensor, stream: int, length: int, features: int, p: float, dtype: torch.dtype
+                 ) -> torch.Tensor:
+    """(rows, length, features) inverted-dropout mask (0 or 1/(1-p)) of rows keyed by ``keys``
+    (:func:`perk_fast.seeds.keyed_uniform`): a row's mask depends on its key, not on the batch."""
+    keep = keyed_uniform(keys, stream, length, features) >= p
     return keep.to(dtype) / (1.0 - p)
 
 
@@ -173,9 +174,13 @@ def _lora_forward(site: LoraSite, slot: AdapterSlot, x: torch.Tensor) -> torch.T
     lead = x.shape[:-1]
     x3 = x.reshape(contexts, -1, site.in_features)
     lora_x = None
-    if active.dropout > 0 and active.dropout_seed is not None:
-        seed = site_seed(active.dropout_seed, site.index)
-        lora_x = x3 * dropout_mask(x3.shape, active.dropout, seed, x3.device, x3.dtype)
+    if active.dropout > 0 and active.dropout_keys is not None:
+        keys = active.dropout_keys
+        if x.dim() != 3 or x.shape[0] != keys.numel():
+            raise ValueError(f"{site.name}: dropout keys for {keys.numel()} rows, but the input has shape "
+                             f"{tuple(x.shape)} (rows, length, features)")
+        mask = dropout_mask(keys.to(x.device), site.index, x.shape[1], site.in_features, active.dropout, x.dtype)
+        lora_x = (x * mask).reshape(contexts, -1, site.in_features)
     module = site.module
     y = lora_linear(
         x3, module.weight, module.bias, a, b, scale=active.scale, weight_layout=site.layout, lora_x=lora_x

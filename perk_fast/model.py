@@ -22,6 +22,7 @@ from . import hf
 from .config import PerkConfig, check_int
 from .data import (
     IGNORE,
+    build_segments,
     check_batch,
     check_text,
     make_micro_batches,
@@ -37,7 +38,7 @@ from .io import check_fingerprint, load_tensors, model_fingerprint, read_header,
 from .lora import ActiveAdapters, AdapterSlot, init_lora_tensors, inject_lora
 from .loss import WeightingModel, lm_head_loss_sum
 from .memory import Memory
-from .seeds import call_seed, pass_seed
+from .seeds import call_seed, context_rng, pass_seed, row_keys
 
 __all__ = ["PerkModel", "model_fingerprint"]
 
@@ -168,38 +169,49 @@ class PerkModel(nn.Module):
         """The shared initial adapters in the engine's order: [A_0, B_0, A_1, B_1, ...]."""
         return [x for pair in zip(self.lora_A, self.lora_B) for x in pair]
 
-    def _pass_seed(self, seed: int | None, step: int | str, micro_batch: int = 0) -> int | None:
-        """Dropout seed of one forward pass of call ``seed`` (None: no dropout in this pass)."""
+    def _pass_seed(self, seed: int | None, step: int | str) -> int | None:
+        """Dropout seed of one forward pass (inner ``step`` or ``"outer"``) of call ``seed``
+        (None: no dropout in this pass)."""
         if seed is None or not self.training or self.config.lora_dropout == 0:
             return None
-        return pass_seed(seed, step, micro_batch)
+        return pass_seed(seed, step)
+
+    def _dropout_keys(self, seed: int | None, row_ids) -> torch.Tensor | None:
+        if seed is None or self.config.lora_dropout == 0:
+            return None
+        if not row_ids:
+            raise ValueError("dropout needs the rows' (context, segment) ids; build micro-batches with make_micro_batches")
+        return torch.tensor(row_keys(seed, row_ids), dtype=torch.int64, device=self.device)
 
     # ------------------------------------------------------------------ forward passes
     @contextlib.contextmanager
-    def adapters_active(self, params: Sequence[torch.Tensor], dropout_seed: int | None = None):
-        """Make the projections use ``params`` ([A_0, B_0, ...], context-major rows)."""
+    def adapters_active(self, params: Sequence[torch.Tensor], dropout_keys: torch.Tensor | None = None):
+        """Make the projections use ``params`` ([A_0, B_0, ...], context-major rows); with
+        ``dropout_keys`` (rows,) the LoRA inputs get the dropout masks of those row keys."""
         pairs = [(params[2 * i], params[2 * i + 1]) for i in range(len(self.sites))]
-        self._slot.active = ActiveAdapters(pairs, self.config.lora_scale, self.config.lora_dropout, dropout_seed)
+        self._slot.active = ActiveAdapters(pairs, self.config.lora_scale, self.config.lora_dropout, dropout_keys)
         try:
             yield
         finally:
             self._slot.active = None
 
     def hidden_states(
-        self, input_ids: torch.Tensor, params: Sequence[torch.Tensor], *, seed: int | None, second_order: bool
+        self, input_ids: torch.Tensor, params: Sequence[torch.Tensor], *, seed: int | None, second_order: bool,
+        row_ids=None,
     ) -> torch.Tensor:
         """Final hidden states (rows, L, d) of the adapted model.
 
-        ``second_order``: the pass will be differentiated twice, so attention must
-        use a twice-differentiable path (math SDPA); otherwise fused SDPA backends
-        are allowed.
+        ``seed``: the pass seed of the dropout masks (None: no dropout); ``row_ids`` the rows'
+        (global context index, segment index) that key them. ``second_order``: the pass will be
+        differentiated twice, so attention must use a twice-differentiable path (math SDPA);
+        otherwise fused SDPA backends are allowed.
         """
         attention = contextlib.nullcontext()
         if second_order:
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
             attention = sdpa_kernel(SDPBackend.MATH)
-        with self.adapters_active(params, seed), attention:
+        with self.adapters_active(params, self._dropout_keys(seed, row_ids)), attention:
             return self.body(input_ids=input_ids, use_cache=False).last_hidden_state
 
     def inner_loss(self, params: Sequence[torch.Tensor], mb, *, seed: int | None, second_order: bool) -> torch.Tensor:
@@ -208,7 +220,7 @@ class PerkModel(nn.Module):
             mb.contexts, torch.arange(params[0].shape[0], device=mb.contexts.device)
         ):
             params = [p.index_select(0, mb.contexts) for p in params]
-        hidden = self.hidden_states(mb.input_ids, params, seed=seed, second_order=second_order)
+        hidden = self.hidden_states(mb.input_ids, params, seed=seed, second_order=second_order, row_ids=mb.row_ids)
         d = hidden.shape[-1]
         h = hidden[:, :-1]
         labels = mb.labels[:, 1:]
@@ -222,14 +234,22 @@ class PerkModel(nn.Module):
             mode=self.config.lm_head_loss, chunk_size=self.config.lm_head_chunk_size,
         )
 
-    def outer_loss(self, params: Sequence[torch.Tensor], query: tuple[torch.Tensor, torch.Tensor], *, seed=None):
-        """Mean over contexts of the mean CE on each question's target tokens."""
+    def outer_loss(self, params: Sequence[torch.Tensor], query: tuple[torch.Tensor, torch.Tensor], *, seed=None,
+                   context_ids: Sequence[int] | None = None, normalizer: int | None = None):
+        """Mean over contexts of the mean CE on each question's target tokens.
+
+        ``normalizer``: divide the sum of the per-context means by this count instead of the
+        number of rows (a slice of a larger batch contributes its share of the batch mean).
+        """
         input_ids, labels = query
-        hidden = self.hidden_states(input_ids, params, seed=self._pass_seed(seed, "outer"), second_order=False)
+        ids = range(input_ids.shape[0]) if context_ids is None else context_ids
+        hidden = self.hidden_states(input_ids, params, seed=self._pass_seed(seed, "outer"), second_order=False,
+                                    row_ids=[(c, -2) for c in ids])
         d = hidden.shape[-1]
         labels = labels[:, 1:]
         counts = (labels != IGNORE).sum(1).clamp_min(1)
-        w = (1.0 / (counts.to(self.meta_dtype) * labels.shape[0]))[:, None].expand(labels.shape)
+        rows = labels.shape[0] if normalizer is None else normalizer
+        w = (1.0 / (counts.to(self.meta_dtype) * rows))[:, None].expand(labels.shape)
         return lm_head_loss_sum(
             hidden[:, :-1].reshape(-1, d), self.lm_head_weight, labels.reshape(-1), w.reshape(-1),
             mode=self.config.lm_head_loss, chunk_size=self.config.lm_head_chunk_size,
@@ -250,46 +270,71 @@ class PerkModel(nn.Module):
         self._calls += 1
         return call_seed(self.config.seed, self._calls)
 
-    def inner_problem(self, segments, *, seed: int | None) -> InnerProblem:
+    def trainable_base_parameters(self) -> list[nn.Parameter]:
+        """Base-model weights that currently require grad (trained jointly with the meta-parameters)."""
+        return [p for p in self.hf_model.parameters() if p.requires_grad]
+
+    def inner_problem(self, segments, *, seed: int | None, context_ids: Sequence[int] | None = None) -> InnerProblem:
         """The engine's view of writing ``segments`` (one entry per context) into their adapters.
 
         The loss of a micro-batch is :meth:`inner_loss` with the dropout masks of (``seed``, step,
-        micro-batch); the meta-gradient reaches the LoRA initialisation, the learned learning
-        rates and the token-weighting model.
+        each row's global context index ``context_ids[i]`` and segment); the meta-gradient reaches
+        the LoRA initialisation, the learned learning rates, the token-weighting model and any base
+        weights that require grad.
         """
         cfg = self.config
-        micro = make_micro_batches(segments, cfg.segments_per_step, pad_id(self.tokenizer), self.device)
+        base = self.trainable_base_parameters()
+        if base and cfg.lm_head_loss == "chunked" and hf.lm_head(self.hf_model).weight.requires_grad:
+            raise ValueError("the LM head is being trained, but lm_head_loss='chunked' treats it as frozen: use "
+                             "PerkConfig(lm_head_loss='full') to train the base jointly")
+        micro = make_micro_batches(segments, cfg.segments_per_step, pad_id(self.tokenizer), self.device,
+                                   context_ids=context_ids)
 
         def loss(adapters, mb, step, second_order):
-            return self.inner_loss(adapters, mb, seed=self._pass_seed(seed, step, mb.index), second_order=second_order)
+            return self.inner_loss(adapters, mb, seed=self._pass_seed(seed, step), second_order=second_order)
 
         return InnerProblem(
             loss=loss, micro_batches=micro, init=self.init_tensors(), n_contexts=len(segments), lrs=self.inner_lrs,
             optimizer=InnerOptimizer(cfg), second_order=[cfg.second_order_step(t) for t in range(cfg.inner_steps)],
-            weights=list(self.weighting.parameters()) if self.weighting is not None else [],
+            weights=(list(self.weighting.parameters()) if self.weighting is not None else []) + base,
         )
 
-    def adapt(self, segments, *, seed: int | None) -> list[torch.Tensor]:
+    def adapt(self, segments, *, seed: int | None, context_ids: Sequence[int] | None = None) -> list[torch.Tensor]:
         """Adapted adapters [A_0, B_0, ...] of the contexts, differentiable w.r.t. the meta-parameters."""
-        result = adapt(self.inner_problem(segments, seed=seed), self.config.meta_grad)
+        result = adapt(self.inner_problem(segments, seed=seed, context_ids=context_ids), self.config.meta_grad)
         self._inner_losses = result.losses
         return result.adapters
 
-    def meta_loss(self, contexts, questions, answers, supports=None, *, seed: int | None = None) -> torch.Tensor:
+    def meta_loss(self, contexts, questions, answers, supports=None, *, seed: int | None = None,
+                  context_ids: Sequence[int] | None = None, batch_size: int | None = None) -> torch.Tensor:
         """Outer loss of a batch of B contexts, differentiable w.r.t. ``meta_parameters()``.
 
         Each context is written into its own adapter by ``inner_steps`` steps of the
         inner optimiser (its own loss, exactly as if alone), then question i is scored
         with memory i; the result is the mean over contexts. ``seed`` fixes the doc-id
-        permutation and the dropout masks of this call (default: a fresh one).
+        permutations and the dropout masks of this call (default: a fresh one).
+
+        A slice of a larger batch (another process or micro-batch has the rest) passes
+        ``context_ids``, the contexts' indices in that batch (default 0..B-1: they key each
+        context's randomness, so a context draws the same whatever it is computed with), and
+        ``batch_size``, the size of that batch: the result is then this slice's share of the
+        batch mean (the sum over the slice divided by ``batch_size``).
         """
         check_batch(contexts, questions, answers, supports)
+        ids = list(range(len(contexts))) if context_ids is None else [int(i) for i in context_ids]
+        if len(ids) != len(contexts):
+            raise ValueError(f"{len(ids)} context_ids for {len(contexts)} contexts: pass one per context")
+        check_int("batch_size", batch_size, allow_none=True)
         seed = self.next_seed() if seed is None else seed
-        rng = random.Random(seed) if (self.training and self.config.shuffle_docs) else None
-        segments = self.segment_contexts(contexts, rng)
-        adapted = self.adapt(segments, seed=seed)
+        shuffle = self.training and self.config.shuffle_docs
+        segments = [
+            build_segments(self.tokenizer, c, self.config.segment_len, context_rng(seed, g) if shuffle else None,
+                           where=f"contexts[{i}]")
+            for i, (c, g) in enumerate(zip(contexts, ids))
+        ]
+        adapted = self.adapt(segments, seed=seed, context_ids=ids)
         query = self.query_batch(questions, answers, supports, [s.n_docs for s in segments])
-        return self.outer_loss(adapted, query, seed=seed)
+        return self.outer_loss(adapted, query, seed=seed, context_ids=ids, normalizer=batch_size)
 
     def generate(self, memory, questions: Sequence[str], max_new_tokens: int = 32) -> list[str]:
         """Greedy answers: question i from memory i (or one memory for all questions)."""

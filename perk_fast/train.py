@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from . import distributed
 from .config import check_int
 from .data import example_field
 from .io import check_fingerprint, load_tensors, read_header, replace_dir, save_tensors
@@ -163,6 +164,49 @@ def _load_checkpoint(path: str, perk_model: PerkModel, optimizer) -> tuple[int, 
     return int(meta["step"]), list(meta["history"])
 
 
+_announced: set[int] = set()
+
+
+def _on_main(ctx: distributed.DistContext, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on rank 0 and hand its result to every rank; an exception there ends every rank.
+
+    The broadcast always happens (with the result or with the failure), so no rank is left
+    waiting in a collective when rank 0 fails.
+    """
+    if not ctx.active:
+        return fn()
+    outcome, error = None, None
+    if ctx.is_main:
+        try:
+            outcome = ("ok", fn())
+        except BaseException as err:  # noqa: BLE001 - re-raised below, after the other ranks know
+            error, outcome = err, ("failed", repr(err))
+    outcome = distributed.broadcast_object(outcome, ctx)
+    if error is not None:
+        _announced.add(id(error))  # every rank has heard of it: no further status exchange for this one
+        raise error
+    if outcome[0] != "ok":
+        raise distributed.RankFailed(f"rank 0 failed: {outcome[1]}")
+    return outcome[1]
+
+
+def _check_same_everywhere(ctx: distributed.DistContext, perk_model: PerkModel, dataset_len: int, total: int,
+                           params: Sequence[torch.nn.Parameter]) -> None:
+    """Every rank must run the same data and configuration; rank 0's starting parameters are copied to all."""
+    if not ctx.active:
+        return
+    mine = (dataset_len, total, perk_model.config.to_dict(), [tuple(p.shape) for p in params])
+    theirs = distributed.broadcast_object(mine, ctx)
+    if theirs != mine:
+        raise ValueError(f"rank {ctx.rank} differs from rank 0 in (dataset size, steps, PerkConfig, parameter "
+                         f"shapes): {mine[:2]} vs {theirs[:2]}; every rank must run the same meta_train call")
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for p in params:
+            dist.broadcast(p.data, src=0)
+
+
 def meta_train(
     perk_model: PerkModel,
     dataset: Sequence[Any],
@@ -170,6 +214,7 @@ def meta_train(
     steps: int | None = None,
     epochs: int = 1,
     batch_size: int = 1,
+    gradient_accumulation_steps: int = 1,
     param_groups: Sequence[Mapping[str, Any]] | None = None,
     shuffle: bool = True,
     eval_fn: Callable[[PerkModel, int], dict] | None = None,
@@ -180,37 +225,50 @@ def meta_train(
     resume: bool = False,
     progress: bool = True,
 ) -> list[dict]:
-    """Meta-train ``perk_model`` on ``dataset``; returns the history (one dict per step).
+    """Meta-train ``perk_model`` on ``dataset``; returns the history (one dict per optimiser step).
 
     Args:
         dataset: a sequence of examples, each a dict or an object with ``context``
             (string or list of documents), ``question``, ``answer`` and optionally
             ``support``.
-        steps: outer steps (default: ``epochs`` passes over the dataset).
-        batch_size: contexts per outer step (adapted together, batched).
-        param_groups: AdamW parameter groups, each a dict with ``params`` -- ``"meta"`` (every
-            meta-parameter), ``"lora"`` (the LoRA initialisation), ``"inner_lrs"``, ``"weighting"``,
-            ``"base"`` (the base model's weights, trained jointly) or a list of the PerkModel's
-            parameters -- and optionally ``lr`` (peak; default ``config.outer_lr``),
-            ``weight_decay`` (default ``config.outer_weight_decay``), ``betas``, ``eps``. Every
-            group follows the same warmup + cosine schedule relative to its own peak. Default:
-            ``[{"params": "meta"}]``. Base weights in a group are unfrozen for the run and frozen
-            again when it ends.
+        steps: optimiser steps (default: ``epochs`` passes over the dataset).
+        batch_size: contexts adapted together (batched) in one forward/backward.
+        gradient_accumulation_steps: k such batches per optimiser step: each step takes
+            ``k * batch_size`` contexts and equals one step over a batch that large (the
+            meta-gradient is that batch's mean), at the memory of ``batch_size``.
+        param_groups: AdamW parameter groups, each a dict with ``params`` -- a selector name or a
+            list of names and parameters: ``"meta"`` (every meta-parameter), ``"lora"`` (the LoRA
+            initialisation), ``"inner_lrs"``, ``"weighting"``, ``"base"`` (the base model's
+            weights, trained jointly) -- and optionally ``lr`` (peak; default
+            ``config.outer_lr``), ``weight_decay`` (default ``config.outer_weight_decay``),
+            ``betas``, ``eps``. Every group follows the same warmup + cosine schedule relative to
+            its own peak. Default: ``[{"params": "meta"}]``. Base weights in a group are unfrozen
+            for the run and frozen again when it ends.
         shuffle: visit the dataset in a seeded random order per epoch (default); ``False`` visits
             it in order.
         eval_fn: called as ``eval_fn(perk_model, step)`` every ``eval_every`` steps and
-            at the end; the dict it returns is stored in the history.
-        on_step: called with each step's history entry once the step is done (logging).
+            at the end (on rank 0 only when distributed); the dict it returns is stored in the
+            history of every rank.
+        on_step: called with each step's history entry once the step is done (rank 0 only).
         checkpoint_dir: where checkpoints go (``checkpoint_dir/last``), every
             ``checkpoint_every`` steps, at the end, and when training is interrupted by
-            an exception (which is then re-raised).
+            an exception (which is then re-raised). Written by rank 0 only.
         resume: continue from ``checkpoint_dir/last`` (exactly: same data order, seeds,
-            optimiser state).
-        progress: a tqdm bar showing the outer loss and the inner loss (first -> last step).
+            optimiser state), with any number of processes.
+        progress: a tqdm bar showing the outer loss and the inner loss (first -> last step),
+            on rank 0.
 
-    History entries: ``step``, ``loss`` (outer), ``inner_loss_first``/``inner_loss_last``
-    (inner loss at the first and last inner step, summed over contexts), ``lr`` (of the first
-    group), ``grad_norm``, and ``eval`` when evaluated.
+    Several processes: run the same script under ``torchrun --nproc_per_node N``. When
+    torch.distributed is initialised (by the caller, or here from torchrun's environment), every
+    rank computes the same batch order and takes a contiguous slice of each batch; meta-gradients
+    are summed over ranks before clipping, so N ranks give the single-process result. A
+    context's randomness (doc-id shuffle, dropout masks) is keyed by its index in the optimiser
+    step's batch, never by where it is computed. An exception on any rank ends every rank.
+
+    History entries: ``step``, ``loss`` (outer, the batch mean), ``inner_loss_first``/
+    ``inner_loss_last`` (inner loss at the first and last inner step, summed over the batch's
+    contexts), ``lr`` (of the first group), ``grad_norm``, ``contexts``, and ``eval`` when
+    evaluated.
     """
     if not isinstance(perk_model, PerkModel):
         raise TypeError(f"meta_train expects a PerkModel, got {type(perk_model).__name__}")
@@ -218,17 +276,23 @@ def meta_train(
         raise ValueError("dataset is empty")
     check_int("batch_size", batch_size)
     check_int("epochs", epochs)
+    check_int("gradient_accumulation_steps", gradient_accumulation_steps)
     for name, value in (("steps", steps), ("eval_every", eval_every), ("checkpoint_every", checkpoint_every)):
         check_int(name, value, allow_none=True)
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir")
+    ctx = distributed.setup()
+    if ctx.active and perk_model.device.type == "cuda" and perk_model.device.index != ctx.local_rank:
+        perk_model.to(torch.device("cuda", ctx.local_rank))
     config = perk_model.config
-    per_epoch = math.ceil(len(dataset) / batch_size)
+    per_step = batch_size * gradient_accumulation_steps
+    per_epoch = math.ceil(len(dataset) / per_step)
     total = steps if steps is not None else epochs * per_epoch
     groups = _build_groups(perk_model, param_groups)
     params = [p for g in groups for p in g["params"]]
     meta_ids = {id(p) for p in perk_model.meta_parameters()}
     unfrozen = [p for p in params if id(p) not in meta_ids and not p.requires_grad]
+    _check_same_everywhere(ctx, perk_model, len(dataset), total, params)
     optimizer = torch.optim.AdamW(groups, lr=config.outer_lr, betas=config.outer_betas, eps=config.outer_eps,
                                   weight_decay=config.outer_weight_decay)
     warmup = warmup_steps(total, config.warmup_proportion)
@@ -240,60 +304,77 @@ def meta_train(
         start, history = _load_checkpoint(last, perk_model, optimizer)
 
     bar = None
-    if progress:
+    if progress and ctx.is_main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, initial=start, desc="meta_train", unit="step")
     for p in unfrozen:
         p.requires_grad_(True)
     perk_model.train(True)
+    status_known = False  # a rank that raised RankFailed already knows every rank knows
     try:
         for step in range(start, total):
             epoch, pos = divmod(step, per_epoch)
             order = epoch_order(len(dataset), config.seed, epoch) if shuffle else range(len(dataset))
-            batch = [dataset[i] for i in order[pos * batch_size : (pos + 1) * batch_size]]
-            contexts = [example_field(e, "context", i) for i, e in enumerate(batch)]
-            questions = [example_field(e, "question", i) for i, e in enumerate(batch)]
-            answers = [example_field(e, "answer", i) for i, e in enumerate(batch)]
-            supports = [example_field(e, "support", i, required=False) for i, e in enumerate(batch)]
-            if all(s is None for s in supports):
-                supports = None
+            batch = [dataset[i] for i in order[pos * per_step : (pos + 1) * per_step]]
+            seed = call_seed(config.seed, step)
             factor = warmup_cosine(step, total, warmup)
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * factor
             optimizer.zero_grad(set_to_none=True)
-            loss = perk_model.meta_loss(contexts, questions, answers, supports, seed=call_seed(config.seed, step))
-            loss.backward()
+            local_failure = None
+            try:
+                local = _local_meta_step(perk_model, batch, batch_size, seed, ctx)
+            except BaseException as err:  # noqa: BLE001 - every rank must hear of it first
+                local_failure = err
+            status_known = True
+            if distributed.any_rank_failed(local_failure is not None, ctx):
+                if local_failure is not None:
+                    raise local_failure
+                raise distributed.RankFailed(f"meta_train step {step + 1}: another rank failed")
+            status_known = False
+            distributed.all_reduce_gradients(params, ctx)
+            loss_value, inner_first, inner_last = distributed.all_reduce_sum(local, ctx)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            inner = perk_model.last_inner_losses
             record = {
                 "step": step + 1,
-                "loss": float(loss.detach()),
-                "inner_loss_first": inner[0] if inner else None,
-                "inner_loss_last": inner[-1] if inner else None,
+                "loss": loss_value,
+                "inner_loss_first": inner_first,
+                "inner_loss_last": inner_last,
                 "lr": optimizer.param_groups[0]["lr"],
                 "grad_norm": float(grad_norm),
+                "contexts": len(batch),
             }
             if not math.isfinite(record["loss"]) or not math.isfinite(record["grad_norm"]):
                 raise FloatingPointError(f"meta_train step {step + 1}: non-finite loss or gradient {record}")
             optimizer.step()
             history.append(record)
             if eval_fn is not None and ((eval_every and (step + 1) % eval_every == 0) or step + 1 == total):
-                perk_model.train(False)
-                record["eval"] = eval_fn(perk_model, step + 1)
-                perk_model.train(True)
-            if on_step is not None:
-                on_step(record)
-            if bar is not None:
-                bar.update(1)
-                postfix = {"outer": f"{record['loss']:.4f}"}
-                if inner:
-                    postfix["inner"] = f"{inner[0]:.3f}->{inner[-1]:.3f}"
-                bar.set_postfix(postfix)
+                def run_eval(step=step):
+                    perk_model.train(False)
+                    try:
+                        return eval_fn(perk_model, step + 1)
+                    finally:
+                        perk_model.train(True)
+
+                record["eval"] = _on_main(ctx, run_eval)
+            if ctx.is_main:
+                if on_step is not None:
+                    on_step(record)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix({"outer": f"{record['loss']:.4f}",
+                                     "inner": f"{record['inner_loss_first']:.3f}->{record['inner_loss_last']:.3f}"})
             if last and checkpoint_every and (step + 1) % checkpoint_every == 0:
-                _save_checkpoint(last, perk_model, optimizer, step + 1, history)
-    except BaseException:
-        if last and len(history) > start:
+                _on_main(ctx, lambda: _save_checkpoint(last, perk_model, optimizer, step + 1, history))
+    except BaseException as err:
+        if (ctx.active and not status_known and not isinstance(err, distributed.RankFailed)
+                and id(err) not in _announced):
+            try:  # tell the others (they meet this in their next status exchange)
+                distributed.any_rank_failed(True, ctx)
+            except Exception:  # noqa: BLE001 - the original error is what matters
+                pass
+        if last and ctx.is_main and len(history) > start:
             _save_checkpoint(last, perk_model, optimizer, history[-1]["step"], history)
         raise
     finally:
@@ -303,5 +384,41 @@ def meta_train(
         for p in unfrozen:
             p.requires_grad_(False)
     if last:
-        _save_checkpoint(last, perk_model, optimizer, total, history)
+        _on_main(ctx, lambda: _save_checkpoint(last, perk_model, optimizer, total, history))
     return history
+
+
+def _local_meta_step(perk_model: PerkModel, batch: Sequence[Any], batch_size: int, seed: int,
+                     ctx: distributed.DistContext) -> tuple[float, float, float]:
+    """Backpropagate this rank's share of one optimiser step's batch, ``batch_size`` contexts at a time.
+
+    The batch is cut into micro-batches of ``batch_size``; each is split over the ranks. Every
+    local loss is the slice's share of the whole batch's mean, so the gradients summed over
+    micro-batches and ranks are the batch mean's. Returns this rank's (loss, first inner loss,
+    last inner loss) contributions.
+    """
+    loss_sum, first, last = 0.0, 0.0, 0.0
+    for start in range(0, len(batch), batch_size):
+        micro = batch[start : start + batch_size]
+        lo, hi = distributed.slice_bounds(len(micro), ctx.rank, ctx.world_size)
+        if lo == hi:
+            continue
+        part = micro[lo:hi]
+        loss = perk_model.meta_loss(
+            [example_field(e, "context", i) for i, e in enumerate(part)],
+            [example_field(e, "question", i) for i, e in enumerate(part)],
+            [example_field(e, "answer", i) for i, e in enumerate(part)],
+            _supports(part),
+            seed=seed, context_ids=range(start + lo, start + hi), batch_size=len(batch),
+        )
+        loss.backward()
+        inner = perk_model.last_inner_losses
+        loss_sum += float(loss.detach())
+        first += inner[0]
+        last += inner[-1]
+    return loss_sum, first, last
+
+
+def _supports(batch: Sequence[Any]) -> list | None:
+    supports = [example_field(e, "support", i, required=False) for i, e in enumerate(batch)]
+    return None if all(s is None for s in supports) else supports

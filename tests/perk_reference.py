@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from perk_fast.data import IGNORE, build_query, build_segments, pad_id, pad_rows
+from perk_fast.seeds import context_rng
 
 __all__ = ["ReferencePerk", "reference_meta_loss", "TorchAdamW", "LoraProjection"]
 
@@ -309,20 +310,20 @@ class ReferencePerk:
         """(outer loss, {meta-parameter name: leaf}) for a batch, one context at a time.
 
         Doc ids are shuffled exactly when ``pm`` would (training mode and
-        ``shuffle_docs``), from ``random.Random(rng_seed)``. ``backward=True`` backpropagates
+        ``shuffle_docs``), context i's from ``perk_fast.seeds.context_rng(rng_seed, i)`` (the
+        permutation is part of the data, like the tokenisation). ``backward=True`` backpropagates
         each context's share as soon as it is computed (the reference's batch-size-1
         memory profile) and returns the loss detached; the gradients are in the leaves' ``.grad``.
         """
         pm, cfg = self.pm, self.config
         if pm.training and cfg.lora_dropout > 0:
             raise NotImplementedError("the reference does not reproduce LoRA dropout: use pm.eval() or lora_dropout=0")
-        rng = None
-        if pm.training and cfg.shuffle_docs:
-            if rng_seed is None:
-                raise ValueError("pm is in training mode (doc ids shuffled): pass the same rng_seed as meta_loss's seed")
-            rng = random.Random(rng_seed)
+        shuffle = pm.training and cfg.shuffle_docs
+        if shuffle and rng_seed is None:
+            raise ValueError("pm is in training mode (doc ids shuffled): pass the same rng_seed as meta_loss's seed")
         tok = pm.tokenizer
-        segments = [build_segments(tok, c, cfg.segment_len, rng, where=f"contexts[{i}]") for i, c in enumerate(contexts)]
+        segments = [build_segments(tok, c, cfg.segment_len, context_rng(rng_seed, i) if shuffle else None,
+                                   where=f"contexts[{i}]") for i, c in enumerate(contexts)]
         leaves = self.clone_meta_parameters()
         total = None
         for i, seg in enumerate(segments):
