@@ -17,6 +17,7 @@ INNER_OPTIMIZERS = ("adamw", "sgd")
 UNROLL_MODES = ("full", "truncated", "first_order")
 META_GRADS = ("checkpointed", "recomputed", "unrolled")
 LM_HEAD_LOSSES = ("chunked", "full")
+LONG_DOCUMENTS = ("split", "truncate")
 DEFAULT_TARGETS = {
     "gpt2": ("c_attn", "c_proj", "c_fc"),
     "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
@@ -45,8 +46,12 @@ class PerkConfig:
     """Configuration of the inner (test-time) and outer (meta-training) loops.
 
     Inner loop: ``inner_steps`` steps of ``inner_optimizer`` at ``inner_lr`` over the
-    context's segments (``segment_len`` tokens at most, ``segments_per_step`` segments
-    of each context per micro-batch; gradients of the micro-batches are summed).
+    context's segments (``segments_per_step`` segments of each context per micro-batch;
+    gradients of the micro-batches are summed). A document longer than ``segment_len``
+    tokens (None: the tokenizer's ``model_max_length``) is, with ``long_documents='split'``,
+    cut into several segments that each repeat its ``doc_i:`` prefix (nothing is lost), or with
+    ``'truncate'`` kept as one row cut at ``segment_len`` (the reference's behaviour; a warning
+    says when a document is cut).
     ``unroll`` chooses how meta-gradients flow through the inner loop: ``full``
     (second order through every step), ``truncated`` (first order before
     ``unroll_start``), ``first_order``. ``meta_grad`` chooses how they are computed:
@@ -57,7 +62,8 @@ class PerkConfig:
     LM head: ``lm_head_loss='chunked'`` never holds more than ``lm_head_chunk_size``
     tokens' logits (default: a 256 MiB chunk); ``'full'`` materialises them (reference).
 
-    Outer loop (``meta_train``): AdamW at ``outer_lr`` with ``outer_weight_decay``,
+    Outer loop (``meta_train``): AdamW at ``outer_lr`` with ``outer_weight_decay``
+    (``outer_decay_exempt``: not on biases, norm weights and the learned learning rates),
     linear warmup over ``warmup_proportion`` of the steps then cosine decay,
     gradient clipping at ``max_grad_norm``.
     """
@@ -73,7 +79,8 @@ class PerkConfig:
     unroll: str = "truncated"
     unroll_start: int = 2
     meta_grad: str = "checkpointed"
-    segment_len: int = 256
+    segment_len: int | None = 256
+    long_documents: str = "split"
     segments_per_step: int = 16
     shuffle_docs: bool = True
     # memory (LoRA)
@@ -95,6 +102,7 @@ class PerkConfig:
     outer_weight_decay: float = 0.01
     warmup_proportion: float = 0.03
     max_grad_norm: float = 1.0
+    outer_decay_exempt: bool = True
     seed: int = 42
 
     def __post_init__(self) -> None:
@@ -144,7 +152,9 @@ class PerkConfig:
         if self.unroll == "truncated" and self.unroll_start > self.inner_steps:
             _fail("unroll_start", self.unroll_start, f"an integer in [0, inner_steps={self.inner_steps}] with unroll='truncated'")
         choice("meta_grad", META_GRADS)
-        pos_int("segment_len", 4)
+        if self.segment_len is not None:
+            pos_int("segment_len", 4)
+        choice("long_documents", LONG_DOCUMENTS)
         pos_int("segments_per_step")
         pos_int("lora_rank")
         real("lora_alpha", 0.0, lo_open=True)
@@ -203,12 +213,18 @@ class PerkConfig:
 
     @classmethod
     def from_reference(cls, source: Mapping[str, Any] | str | os.PathLike, **overrides: Any) -> "PerkConfig":
-        """Build a PerkConfig from the reference repository's config keys.
+        """Build a PerkConfig that computes what the reference repository's code computes for its config.
 
-        ``source`` is a dict or the path of a YAML file (Hydra ``# @package`` lines are
-        fine). Mapped keys are listed in ``REFERENCE_KEYS``; keys that are known but
-        have no effect here (logging, paths, hardware) are ignored silently; any other
-        key is reported with a warning naming it. ``overrides`` win over the file.
+        ``source`` is a dict (e.g. a Hydra-composed config) or the path of a YAML file (Hydra
+        ``# @package`` lines are fine). The mapping follows the reference's *code*, not its key
+        names (README, "Reference config keys"): ``weight_decay`` is also the inner AdamW's decay;
+        ``first_order`` only acts with the full unroll (``inner_funct: default``); ``inner_opt`` is
+        never read (AdamW, a warning when it says otherwise); ``lora_r`` is never read (only
+        ``lora_rank``); LoRA dropout is the reference's fixed 0.1; documents are whole rows cut at
+        the tokenizer's ``model_max_length`` (``long_documents='truncate'``, ``segment_len=None``).
+        Keys about the run (paths, logging, hardware, trainer) are left to the caller (the command
+        line honours them); any other key is reported in a warning. ``overrides`` (PerkConfig
+        fields) win over everything, e.g. ``long_documents='split'`` for perk_fast's splitting.
         """
         if isinstance(source, (str, os.PathLike)):
             import yaml
@@ -221,108 +237,156 @@ class PerkConfig:
             data = source
         else:
             raise TypeError(f"from_reference expects a dict or a YAML path, got {type(source).__name__}")
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {"lora_dropout": 0.1, "long_documents": "truncate", "segment_len": None}
+        notes: list[str] = []
         unknown = []
         for key, value in data.items():
             if key in REFERENCE_KEYS:
-                REFERENCE_KEYS[key](kwargs, value)
-            elif key not in REFERENCE_IGNORED:
+                REFERENCE_KEYS[key](kwargs, value, notes, key)
+            elif key not in REFERENCE_RUN_KEYS:
                 unknown.append(key)
-        # reference semantics: first_order wins over inner_funct
-        if kwargs.pop("_first_order", False):
-            kwargs["unroll"] = "first_order"
+        first_order = kwargs.pop("_first_order", False)
+        if first_order:
+            if kwargs.get("unroll") == "truncated":
+                notes.append("first_order=true is ignored with inner_funct=truncated: the reference's truncated "
+                             "inner loop never reads it (steps < unroll_start are first order there anyway)")
+            else:
+                kwargs["unroll"] = "first_order"
+        for note in notes:
+            warnings.warn(f"PerkConfig.from_reference: {note}", stacklevel=2)
         if unknown:
             warnings.warn(f"PerkConfig.from_reference: unknown reference keys ignored: {sorted(unknown)}", stacklevel=2)
         kwargs.update(overrides)
         return cls(**kwargs)
 
 
-def _set(field_name: str, convert=lambda v: v):
-    def apply(kwargs: dict[str, Any], value: Any) -> None:
-        kwargs[field_name] = convert(value)
+def _bad(key: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"reference key {key}={value!r} is invalid: allowed {allowed}")
+
+
+def _as_int(key: str, value: Any, minimum: int | None = None) -> int:
+    """An int, or a float with an integral value (YAML ``4.``); else a ValueError naming the key."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+        raise _bad(key, value, "an integer")
+    if minimum is not None and int(value) < minimum:
+        raise _bad(key, value, f"an integer >= {minimum}")
+    return int(value)
+
+
+def _as_float(key: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise _bad(key, value, "a number")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise _bad(key, value, "a number") from None
+
+
+def _as_bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise _bad(key, value, "true or false")
+
+
+def _set(field_name: str, convert):
+    """A handler that sets PerkConfig.``field_name`` to ``convert(reference key, value)``."""
+    def apply(kwargs: dict[str, Any], value: Any, notes: list[str], key: str) -> None:
+        kwargs[field_name] = convert(key, value)
 
     return apply
 
 
-def _inner_opt(kwargs: dict[str, Any], value: Any) -> None:
-    mapping = {"adam": "adamw", "adamw": "adamw", "sgd": "sgd"}
-    if str(value).lower() not in mapping:
-        raise ValueError(f"reference key inner_opt={value!r} is invalid: allowed 'adam', 'adamw', 'sgd'")
-    kwargs["inner_optimizer"] = mapping[str(value).lower()]
+def _inner_opt(kwargs: dict[str, Any], value: Any, notes: list[str], key: str) -> None:
+    if str(value).lower() not in ("adam", "adamw"):
+        notes.append(f"inner_opt={value!r} is not read by the reference, whose inner optimiser is always AdamW; "
+                     "perk_fast follows it (inner_optimizer='adamw'; pass inner_optimizer='sgd' to override)")
 
 
-def _inner_funct(kwargs: dict[str, Any], value: Any) -> None:
+def _inner_funct(kwargs: dict[str, Any], value: Any, notes: list[str], key: str) -> None:
     mapping = {"default": "full", "full": "full", "truncated": "truncated"}
     if str(value).lower() not in mapping:
-        raise ValueError(f"reference key inner_funct={value!r} is invalid: allowed 'default', 'truncated'")
+        raise _bad("inner_funct", value, "'default', 'truncated'")
     kwargs["unroll"] = mapping[str(value).lower()]
 
 
-def _first_order(kwargs: dict[str, Any], value: Any) -> None:
-    kwargs["_first_order"] = bool(value)
+def _first_order(kwargs: dict[str, Any], value: Any, notes: list[str], key: str) -> None:
+    kwargs["_first_order"] = _as_bool("first_order", value)
 
 
-def _non_linearity(kwargs: dict[str, Any], value: Any) -> None:
+def _lora_r(kwargs: dict[str, Any], value: Any, notes: list[str], key: str) -> None:
+    notes.append(f"lora_r={value!r} is ignored: the reference never reads it (its LoRA rank is lora_rank)")
+
+
+def _weight_decay(kwargs: dict[str, Any], value: Any, notes: list[str], key: str) -> None:
+    decay = _as_float("weight_decay", value)
+    kwargs["outer_weight_decay"] = decay
+    kwargs["inner_weight_decay"] = decay  # the reference's inner AdamW groups use the same key
+
+
+def _non_linearity(kwargs: dict[str, Any], value: Any, notes: list[str], key: str) -> None:
     if str(value).lower() != "softplus":
         raise ValueError(
             f"reference key weight_non_linearity={value!r} is not supported: perk_fast implements 'softplus' (beta=3)"
         )
 
 
-def _float(v: Any) -> float:
-    return float(v)
+def _inner_grad_accum(kwargs: dict[str, Any], value: Any, notes: list[str], key: str) -> None:
+    # The reference splits a context's documents into `inner_grad_accum` chunks at test time and
+    # averages per-chunk means. perk_fast sums exact per-context means over micro-batches sized in
+    # segments (segments_per_step), so the value only affects memory, never the result.
+    _as_int("inner_grad_accum", value, minimum=1)
 
 
-def _inner_grad_accum(kwargs: dict[str, Any], value: Any) -> None:
-    # The reference splits a context's segments into `inner_grad_accum` chunks. Our
-    # micro-batches are sized in segments instead; 1 chunk = all segments at once,
-    # which segments_per_step's default already bounds. Values > 1 only lower memory,
-    # never the result (we sum exact per-context means), so nothing to map.
-    if int(value) < 1:
-        raise ValueError(f"reference key inner_grad_accum={value!r} is invalid: allowed an integer >= 1")
-
-
-
-def _weight_normalize(kwargs: dict[str, Any], value: Any) -> None:
-    if bool(value):
+def _weight_normalize(kwargs: dict[str, Any], value: Any, notes: list[str], key: str) -> None:
+    if _as_bool("weight_normalize", value):
         raise ValueError("reference key weight_normalize=True is not supported: perk_fast implements the default False")
+
+
+def _packing(kwargs: dict[str, Any], value: Any, notes: list[str], key: str) -> None:
+    if not _as_bool("packing", value):
+        notes.append("packing=false: perk_fast always normalises a context's inner loss by its real positions "
+                     "(the reference's packed normalisation), never by padded lengths")
 
 
 # reference key -> how it sets PerkConfig fields (documented in README's table)
 REFERENCE_KEYS = {
-    "n_inner_iter": _set("inner_steps", int),
-    "inner_lr": _set("inner_lr", _float),
-    "dyna_lr": _set("learn_inner_lr", bool),
+    "n_inner_iter": _set("inner_steps", lambda k, v: _as_int(k, v, 1)),
+    "inner_lr": _set("inner_lr", _as_float),
+    "dyna_lr": _set("learn_inner_lr", _as_bool),
     "inner_opt": _inner_opt,
     "inner_funct": _inner_funct,
-    "unroll_start": _set("unroll_start", int),
+    "unroll_start": _set("unroll_start", lambda k, v: _as_int(k, v, 0)),
     "first_order": _first_order,
-    "lora_rank": _set("lora_rank", int),
-    "lora_r": _set("lora_rank", int),
-    "lora_alpha": _set("lora_alpha", _float),
-    "lora_dropout": _set("lora_dropout", _float),
-    "weighted_loss": _set("weighted_loss", bool),
+    "lora_rank": _set("lora_rank", lambda k, v: _as_int(k, v, 1)),
+    "lora_r": _lora_r,
+    "lora_alpha": _set("lora_alpha", _as_float),
+    "lora_dropout": _set("lora_dropout", _as_float),
+    "weighted_loss": _set("weighted_loss", _as_bool),
     "weight_non_linearity": _non_linearity,
     "inner_grad_accum": _inner_grad_accum,
     "weight_normalize": _weight_normalize,
-    "learning_rate": _set("outer_lr", _float),
-    "weight_decay": _set("outer_weight_decay", _float),
-    "adam_epsilon": _set("outer_eps", _float),
-    "warmup_proportion": _set("warmup_proportion", _float),
-    "max_grad_norm": _set("max_grad_norm", _float),
-    "seed": _set("seed", int),
+    "packing": _packing,
+    "learning_rate": _set("outer_lr", _as_float),
+    "weight_decay": _weight_decay,
+    "adam_epsilon": _set("outer_eps", _as_float),
+    "warmup_proportion": _set("warmup_proportion", _as_float),
+    "max_grad_norm": _set("max_grad_norm", _as_float),
+    "seed": _set("seed", lambda k, v: _as_int(k, v)),
 }
 
-
-
-# keys of the reference that describe logging, paths, hardware or its trainer; no effect here
-REFERENCE_IGNORED = frozenset(
+# keys of the reference that describe the run (model, data, paths, logging, hardware, trainer):
+# PerkConfig does not hold them; the command line (perk_fast.cli) honours or ignores each one
+REFERENCE_RUN_KEYS = frozenset(
     {
         "model_name_or_path", "data_dir", "output_dir", "checkpoint", "load_checkpoint",
         "resume_from_checkpoint", "do_train", "do_eval", "wandb_name", "wandb_project", "wandb_entity",
         "wandb_api_key", "peft_lora", "bf16", "attn_implementation", "train_batch_size", "eval_batch_size",
         "num_train_epochs", "patience", "callback_monitor", "val_check_interval", "use_liger_kernel", "n_gpu",
-        "gradient_accumulation_steps", "dataset_name", "dataset_subset", "packing", "max_eval_data",
-        "num_workers", "weight_fuse", "weight_q_pool", "defaults",
+        "gradient_accumulation_steps", "dataset_name", "dataset_subset", "max_eval_data", "num_workers",
+        "weight_fuse", "weight_q_pool", "defaults", "device_idx", "student_record_query", "random_facts",
+        "multi_task", "model_type", "experiment", "default",
     }
 )
+REFERENCE_IGNORED = REFERENCE_RUN_KEYS  # the name earlier releases used

@@ -20,6 +20,7 @@ This module turns text into tensors and nothing more: it knows tokenizers, not m
 from __future__ import annotations
 
 import random
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -82,30 +83,61 @@ class ContextSegments:
         return max(sum(len(ids) for ids, _ in self.segments) - 1, 1)
 
 
+def leading_special_ids(tokenizer: Any) -> list[int]:
+    """The ids the tokenizer puts before a text when it adds its special tokens (Llama's BOS; none
+    for GPT-2 and Qwen2). Every row perk_fast builds starts with them, as the reference's
+    tokenizer calls (``add_special_tokens=True``) do."""
+    try:
+        with_special = list(tokenizer.encode("a", add_special_tokens=True))
+    except TypeError:  # a tokenizer without the argument adds nothing
+        return []
+    plain = _token_ids(tokenizer, "a")
+    extra = len(with_special) - len(plain)
+    if extra > 0 and with_special[extra:] == plain:
+        return with_special[:extra]
+    return []
+
+
 def build_segments(
-    tokenizer: Any, context: Any, segment_len: int, rng: random.Random | None = None, where: str = "context"
+    tokenizer: Any, context: Any, segment_len: int, rng: random.Random | None = None, where: str = "context",
+    long_documents: str = "split",
 ) -> ContextSegments:
     """Tokenise a context into label-masked ``doc_i:`` segments of <= ``segment_len`` tokens.
 
-    ``rng`` given: doc ids are a random permutation (training); else 0..N-1.
+    ``rng`` given: doc ids are a random permutation (training); else 0..N-1. A document longer
+    than a segment is split into pieces that each repeat the prefix (``long_documents='split'``)
+    or kept as one row cut at ``segment_len`` (``'truncate'``, the reference's behaviour: its tail
+    and EOS are lost; a warning names the cut documents). Rows start with the tokenizer's leading
+    special tokens (:func:`leading_special_ids`), label-masked like the prefix.
     """
+    if long_documents not in ("split", "truncate"):
+        raise ValueError(f"long_documents={long_documents!r} is invalid: allowed 'split', 'truncate'")
     docs = as_documents(context, where)
     eos = eos_id(tokenizer)
+    lead = leading_special_ids(tokenizer)
     doc_ids = list(range(len(docs)))
     if rng is not None:
         rng.shuffle(doc_ids)
-    segments = []
-    for doc_id, text in zip(doc_ids, docs):
-        prefix = _token_ids(tokenizer, f"doc_{doc_id}:")
+    segments, cut = [], []
+    for index, (doc_id, text) in enumerate(zip(doc_ids, docs)):
+        prefix = lead + _token_ids(tokenizer, f"doc_{doc_id}:")
         body = _token_ids(tokenizer, " " + text) + [eos]
         room = segment_len - len(prefix)
         if room < 1:
             raise ValueError(
                 f"segment_len={segment_len} leaves no room after the {len(prefix)}-token prefix 'doc_{doc_id}:'"
             )
+        if long_documents == "truncate":
+            if len(body) > room:
+                cut.append(f"{where}[{index}] ({len(prefix) + len(body)} tokens)")
+            body = body[:room]
         for start in range(0, len(body), room):
             piece = body[start : start + room]
             segments.append((prefix + piece, [IGNORE] * len(prefix) + piece))
+    if cut:
+        warnings.warn(f"{len(cut)} document(s) longer than segment_len={segment_len} were cut (their tail is not "
+                      f"learned; long_documents='split' keeps it): {', '.join(cut[:5])}"
+                      + (" ..." if len(cut) > 5 else ""), stacklevel=3)
     return ContextSegments(segments, len(docs))
 
 
@@ -153,10 +185,12 @@ def check_batch(contexts: Any, questions: Any, answers: Any = None, supports: An
 
 
 def segment_contexts(
-    tokenizer: Any, contexts: Sequence[Any], segment_len: int, rng: random.Random | None = None
+    tokenizer: Any, contexts: Sequence[Any], segment_len: int, rng: random.Random | None = None,
+    long_documents: str = "split",
 ) -> list[ContextSegments]:
     """:func:`build_segments` of every context (doc ids permuted from ``rng`` when given)."""
-    return [build_segments(tokenizer, c, segment_len, rng, where=f"contexts[{i}]") for i, c in enumerate(contexts)]
+    return [build_segments(tokenizer, c, segment_len, rng, where=f"contexts[{i}]", long_documents=long_documents)
+            for i, c in enumerate(contexts)]
 
 
 def example_field(example: Any, name: str, index: int, required: bool = True) -> Any:
@@ -169,9 +203,14 @@ def example_field(example: Any, name: str, index: int, required: bool = True) ->
 
 def build_query(tokenizer: Any, question: str, answer: str, support: Any, n_docs: int) -> tuple[list[int], list[int]]:
     """(input ids, labels) of a question row; labels only on the target + EOS."""
-    prompt = _token_ids(tokenizer, query_prompt(question, n_docs))
+    prompt = prompt_ids(tokenizer, query_prompt(question, n_docs))
     target = _token_ids(tokenizer, " " + query_target(answer, support)) + [eos_id(tokenizer)]
     return prompt + target, [IGNORE] * len(prompt) + target
+
+
+def prompt_ids(tokenizer: Any, text: str) -> list[int]:
+    """Ids of a prompt that starts a row: the tokenizer's leading special tokens, then the text."""
+    return leading_special_ids(tokenizer) + _token_ids(tokenizer, text)
 
 
 def query_batch(

@@ -27,6 +27,7 @@ from .data import (
     check_text,
     make_micro_batches,
     pad_id,
+    prompt_ids,
     query_batch,
     query_prompt,
     segment_contexts,
@@ -110,6 +111,17 @@ class PerkModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.lm_head_weight.device
+
+    @property
+    def segment_len(self) -> int:
+        """Tokens per segment: ``config.segment_len``, or the tokenizer's ``model_max_length`` when None."""
+        if self.config.segment_len is not None:
+            return self.config.segment_len
+        limit = getattr(self.tokenizer, "model_max_length", None)
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 4 <= limit <= 10**7:
+            raise ValueError(f"PerkConfig.segment_len=None means the tokenizer's model_max_length, but "
+                             f"{type(self.tokenizer).__name__} reports {limit!r}; set PerkConfig.segment_len")
+        return limit
 
     @property
     def meta_dtype(self) -> torch.dtype:
@@ -258,7 +270,7 @@ class PerkModel(nn.Module):
     # ------------------------------------------------------------------ data
     def segment_contexts(self, contexts, rng: random.Random | None = None):
         """Tokenise contexts into segments (doc ids permuted when ``rng`` is given)."""
-        return segment_contexts(self.tokenizer, contexts, self.config.segment_len, rng)
+        return segment_contexts(self.tokenizer, contexts, self.segment_len, rng, self.config.long_documents)
 
     def query_batch(self, questions, answers, supports, n_docs) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded (input ids, labels) of the question rows."""
@@ -328,8 +340,8 @@ class PerkModel(nn.Module):
         seed = self.next_seed() if seed is None else seed
         shuffle = self.training and self.config.shuffle_docs
         segments = [
-            build_segments(self.tokenizer, c, self.config.segment_len, context_rng(seed, g) if shuffle else None,
-                           where=f"contexts[{i}]")
+            build_segments(self.tokenizer, c, self.segment_len, context_rng(seed, g) if shuffle else None,
+                           where=f"contexts[{i}]", long_documents=self.config.long_documents)
             for i, (c, g) in enumerate(zip(contexts, ids))
         ]
         adapted = self.adapt(segments, seed=seed, context_ids=ids)
@@ -351,8 +363,7 @@ class PerkModel(nn.Module):
             memory = memory.expand(n)
         elif len(memory) != n:
             raise ValueError(f"{n} questions for a memory of {len(memory)} contexts: pass one per context, or one memory")
-        prompts = [self.tokenizer.encode(query_prompt(q, memory.n_docs[i]), add_special_tokens=False)
-                   for i, q in enumerate(questions)]
+        prompts = [prompt_ids(self.tokenizer, query_prompt(q, memory.n_docs[i])) for i, q in enumerate(questions)]
         params = [t.to(self.device) for t in memory.tensors]
         with self.adapters_active(params, None):
             new = generate_continuations(self.hf_model, prompts, pad_id=pad_id(self.tokenizer),

@@ -89,14 +89,33 @@ def _build_groups(perk_model: PerkModel, param_groups: Sequence[Mapping[str, Any
             if id(p) in seen:
                 raise ValueError(f"param_groups[{i}]: a parameter appears in two groups")
             seen.add(id(p))
-        group = {"params": params, "lr": spec.get("lr", config.outer_lr),
-                 "weight_decay": spec.get("weight_decay", config.outer_weight_decay)}
-        for key in ("betas", "eps"):
-            if key in spec:
-                group[key] = spec[key]
-        group["initial_lr"] = group["lr"]
-        groups.append(group)
+        decay = spec.get("weight_decay", config.outer_weight_decay)
+        parts = [(params, decay)]
+        if config.outer_decay_exempt and decay:
+            exempt = _decay_exempt(perk_model)
+            parts = [([p for p in params if id(p) not in exempt], decay), ([p for p in params if id(p) in exempt], 0.0)]
+        for part, part_decay in parts:
+            if not part:
+                continue
+            group = {"params": part, "lr": spec.get("lr", config.outer_lr), "weight_decay": part_decay}
+            for key in ("betas", "eps"):
+                if key in spec:
+                    group[key] = spec[key]
+            group["initial_lr"] = group["lr"]
+            groups.append(group)
     return groups
+
+
+def _decay_exempt(perk_model: PerkModel) -> set[int]:
+    """Parameters the outer AdamW does not decay (``PerkConfig.outer_decay_exempt``): biases, the
+    weights of normalisation layers, and the learned learning rates -- as the reference intends."""
+    exempt = {id(perk_model.inner_lrs)}
+    for module in perk_model.modules():
+        is_norm = "norm" in type(module).__name__.lower()
+        for name, p in module.named_parameters(recurse=False):
+            if is_norm or name == "bias" or name.endswith("bias"):
+                exempt.add(id(p))
+    return exempt
 
 
 def _names(perk_model: PerkModel) -> dict[int, str]:
@@ -242,7 +261,8 @@ def meta_train(
             weights, trained jointly) -- and optionally ``lr`` (peak; default
             ``config.outer_lr``), ``weight_decay`` (default ``config.outer_weight_decay``),
             ``betas``, ``eps``. Every group follows the same warmup + cosine schedule relative to
-            its own peak. Default: ``[{"params": "meta"}]``. Base weights in a group are unfrozen
+            its own peak. With ``config.outer_decay_exempt`` (default) biases, norm weights and the
+            learned learning rates of every group get no weight decay. Default: ``[{"params": "meta"}]``. Base weights in a group are unfrozen
             for the run and frozen again when it ends.
         shuffle: visit the dataset in a seeded random order per epoch (default); ``False`` visits
             it in order.

@@ -11,27 +11,27 @@ VOCAB = TOKENIZER.vocab_size
 SPECIAL = dict(bos_token_id=None, eos_token_id=TOKENIZER.eos_token_id, pad_token_id=TOKENIZER.pad_token_id)
 
 
-def tiny_gpt2(seed: int = 0, layers: int = 2, hidden: int = 32, dtype=torch.float32):
+def tiny_gpt2(seed: int = 0, layers: int = 2, hidden: int = 32, dtype=torch.float32, vocab: int = VOCAB):
     """2-layer GPT-2 (Conv1D projections), random weights."""
     torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=layers, n_embd=hidden, n_head=4, vocab_size=VOCAB, n_positions=256, **SPECIAL)
+    cfg = GPT2Config(n_layer=layers, n_embd=hidden, n_head=4, vocab_size=vocab, n_positions=256, **SPECIAL)
     return GPT2LMHeadModel(cfg).to(dtype).eval()
 
 
-def tiny_qwen2(seed: int = 0, layers: int = 2, hidden: int = 32, dtype=torch.float32):
+def tiny_qwen2(seed: int = 0, layers: int = 2, hidden: int = 32, dtype=torch.float32, vocab: int = VOCAB):
     """2-layer Qwen2 (nn.Linear projections, GQA, biases on q/k/v), random weights."""
     torch.manual_seed(seed)
     cfg = Qwen2Config(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=2 * hidden, vocab_size=VOCAB, max_position_embeddings=256,
+                      intermediate_size=2 * hidden, vocab_size=vocab, max_position_embeddings=256,
                       tie_word_embeddings=False, **SPECIAL)
     return keep_norm_dtype(Qwen2ForCausalLM(cfg).to(dtype).eval())
 
 
-def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 32, dtype=torch.float32):
+def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 32, dtype=torch.float32, vocab: int = VOCAB):
     """2-layer Llama, random weights."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=2 * hidden, vocab_size=VOCAB, max_position_embeddings=256, **SPECIAL)
+                      intermediate_size=2 * hidden, vocab_size=vocab, max_position_embeddings=256, **SPECIAL)
     return keep_norm_dtype(LlamaForCausalLM(cfg).to(dtype).eval())
 
 
@@ -78,3 +78,21 @@ CONTEXTS = [
 ]
 QUESTIONS = ["Where is Alice?", "What is the code of Mallory?", "Where is Erin?"]
 ANSWERS = ["kitchen", "4721", "bathroom"]
+
+
+def bos_bpe_tokenizer(vocab_size: int = 320):
+    """A real Hugging Face fast tokenizer (byte-level BPE trained here) that adds BOS, as Llama's does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [c if isinstance(c, str) else " ".join(c) for c in CONTEXTS] + QUESTIONS + ANSWERS
+    texts += ["You have memorized 3 documents.", "Answer: doc_0: doc_1: doc_2:", "<support> </support> <output>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts * 5, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   model_max_length=64)

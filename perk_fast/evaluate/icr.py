@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import torch
 
 from ..config import check_int
-from ..data import IGNORE, pad_id, pad_rows, query_target
+from ..data import IGNORE, pad_id, pad_rows, prompt_ids, query_target
 from ..schedule import warmup_cosine, warmup_steps
 from ..seeds import epoch_order
 from .scoring import in_context_prompt, unpack_examples
@@ -26,7 +26,7 @@ def in_context_batch(tokenizer: Any, rows: list[dict]) -> tuple[torch.Tensor, to
     """Right-padded (input ids, labels) of in-context training rows; labels on target + EOS only."""
     ids, labels = [], []
     for r in rows:
-        prompt = tokenizer.encode(in_context_prompt(r["context"], r["question"]), add_special_tokens=False)
+        prompt = prompt_ids(tokenizer, in_context_prompt(r["context"], r["question"]))
         target = tokenizer.encode(" " + query_target(r["answer"], r["support"]), add_special_tokens=False)
         target = target + [tokenizer.eos_token_id]
         ids.append(prompt + target)

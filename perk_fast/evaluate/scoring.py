@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 from torch import nn
 
 from ..config import check_int
-from ..data import example_field, pad_id, query_target
+from ..data import example_field, pad_id, prompt_ids, query_target
 from ..encode import encode
 from ..generation import generate_continuations
 from ..metrics import exact_match, f1_score
@@ -154,7 +154,7 @@ def evaluate(
 # ----------------------------------------------------------------------------- in-context baseline
 def _generate_from_prompts(hf_model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
     """Greedy continuations of the prompts (left-padded, batched)."""
-    ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    ids = [prompt_ids(tokenizer, p) for p in prompts]
     new = generate_continuations(hf_model, ids, pad_id=pad_id(tokenizer), eos_id=tokenizer.eos_token_id,
                                  max_new_tokens=max_new_tokens)
     return [tokenizer.decode(row, skip_special_tokens=True) for row in new]
