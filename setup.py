@@ -7,7 +7,8 @@ setup(
     description="Fast, memory-efficient PERK: encode long contexts into batched LoRA memories and meta-train them",
     packages=["perk_fast", "perk_fast.evaluate", "perk_fast.kernels"],
     package_dir={"perk_fast": "perk_fast", "perk_fast.kernels": "kernels"},
-    package_data={"perk_fast": ["assets/*", "assets/**/*"]},
+    package_data={"perk_fast": ["assets/*", "assets/**/*", "configs/*.yaml", "configs/**/*.yaml"]},
+    entry_points={"console_scripts": ["perk-fast=perk_fast.cli:main"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.11,<2.15",
@@ -16,6 +17,8 @@ setup(
         "numpy",
         "pyyaml",
         "tqdm",
+        "hydra-core>=1.3",
+        "omegaconf>=2.3",
     ],
     extras_require={
         "triton": ["triton>=3.6"],

@@ -27,9 +27,10 @@ from typing import Any, Callable, Iterator
 
 from .tasks import RECORD_KEYS, Example, byte_length, render_record
 
-__all__ = ["FORMATS", "read_examples", "write_jsonl", "detect_format"]
+__all__ = ["FORMATS", "RECORD_QUERIES", "read_examples", "read_reference_split", "write_jsonl", "detect_format"]
 
 FORMATS = ("babilong", "student_records", "longgorilla")
+RECORD_QUERIES = ("recall", "relation", "count", "aggregate", "sort")
 
 
 class _Row:
@@ -235,6 +236,74 @@ def read_examples(path: str | os.PathLike, format: str | None = None, *,
             out.extend(_read_longgorilla(row, loc))
         else:
             out.extend(_read_records(row, loc, doc_tokens, count_tokens))
+    return out
+
+
+def _split_base(data_dir: str, dataset_name: str, dataset_subset: str | None) -> str:
+    if dataset_subset in (None, "", "none"):
+        return os.path.join(data_dir, dataset_name)
+    return os.path.join(data_dir, dataset_name, dataset_subset)
+
+
+def _require(path: str, layout: str) -> None:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: the reference's layout is {layout}")
+
+
+def read_reference_split(data_dir: str | os.PathLike, dataset_name: str, dataset_subset: str | None, split: str, *,
+                         student_record_query: str | None = None) -> list[Example]:
+    """One split of a dataset stored as the reference stores it, each Example's ``meta["guid"]``
+    built as the reference builds it.
+
+    * ``babilong`` / ``longgorilla``: ``<data_dir>/<dataset_name>/<dataset_subset>/<split>.jsonl``,
+      guid ``<dataset_subset>_<line index>``.
+    * ``student_records``: ``<...>/<split>/context.jsonl`` (``{database_id, database}``) joined line
+      by line with ``<...>/<split>/<student_record_query>.jsonl`` (``{questions: [...]}``), one
+      Example per question, guid the ``database_id``.
+
+    ``dataset_subset`` ``"none"`` (or None) drops that level. A missing file, files of different
+    lengths or a malformed row raise an error naming the file, the line and the field.
+    """
+    data_dir = os.fspath(data_dir)
+    if dataset_name not in FORMATS:
+        raise ValueError(f"dataset_name={dataset_name!r} is invalid; allowed: {', '.join(FORMATS)}")
+    base = _split_base(data_dir, dataset_name, dataset_subset)
+    subset = dataset_subset if dataset_subset not in (None, "") else "none"
+    out: list[Example] = []
+    if dataset_name in ("babilong", "longgorilla"):
+        path = os.path.join(base, f"{split}.jsonl")
+        _require(path, "<data_dir>/<dataset_name>/<dataset_subset>/{train,validation,test}.jsonl")
+        read = _read_babilong if dataset_name == "babilong" else _read_longgorilla
+        for index, (loc, row) in enumerate(_iter_rows(path)):
+            if not isinstance(row, dict):
+                raise loc.error(None, f"{type(row).__name__} is invalid; allowed: a JSON object")
+            for ex in read(row, loc):
+                ex.meta["guid"] = f"{subset}_{index}"
+                out.append(ex)
+        return out
+    if student_record_query not in RECORD_QUERIES:
+        raise ValueError(f"student_record_query={student_record_query!r} is invalid for dataset_name "
+                         f"'student_records'; allowed: {', '.join(RECORD_QUERIES)} (set it with "
+                         "+student_record_query=...)")
+    layout = "<data_dir>/student_records/<dataset_subset>/<split>/{context,<student_record_query>}.jsonl"
+    context_path = os.path.join(base, split, "context.jsonl")
+    query_path = os.path.join(base, split, f"{student_record_query}.jsonl")
+    _require(context_path, layout)
+    _require(query_path, layout)
+    contexts, queries = list(_iter_rows(context_path)), list(_iter_rows(query_path))
+    if len(contexts) != len(queries):
+        raise ValueError(f"{context_path} has {len(contexts)} rows but {query_path} has {len(queries)}: they are "
+                         "joined line by line and must have as many")
+    for (c_loc, c_row), (q_loc, q_row) in zip(contexts, queries):
+        for loc, row in ((c_loc, c_row), (q_loc, q_row)):
+            if not isinstance(row, dict):
+                raise loc.error(None, f"{type(row).__name__} is invalid; allowed: a JSON object")
+        if "database_id" not in c_row:
+            raise c_loc.error("database_id", "missing")
+        joined = {"database": _get(c_row, c_loc, "database"), "questions": _get(q_row, q_loc, "questions")}
+        for ex in _read_records(joined, _Row(f"{context_path} + {query_path}", c_loc.where), None, byte_length):
+            ex.meta.update(guid=str(c_row["database_id"]), source=query_path)
+            out.append(ex)
     return out
 
 

@@ -239,6 +239,7 @@ def meta_train(
     eval_fn: Callable[[PerkModel, int], dict] | None = None,
     eval_every: int | None = None,
     on_step: Callable[[dict], None] | None = None,
+    early_stop: Callable[[dict], bool] | None = None,
     checkpoint_dir: str | None = None,
     checkpoint_every: int | None = None,
     resume: bool = False,
@@ -270,6 +271,8 @@ def meta_train(
             at the end (on rank 0 only when distributed); the dict it returns is stored in the
             history of every rank.
         on_step: called with each step's history entry once the step is done (rank 0 only).
+        early_stop: called with each evaluation's dict (the same on every rank); True ends training
+            after that step (the entry gets ``"stopped_early": True``).
         checkpoint_dir: where checkpoints go (``checkpoint_dir/last``), every
             ``checkpoint_every`` steps, at the end, and when training is interrupted by
             an exception (which is then re-raised). Written by rank 0 only.
@@ -322,6 +325,8 @@ def meta_train(
         if not os.path.exists(os.path.join(last, "trainer_state.json")):
             raise FileNotFoundError(f"resume=True but no checkpoint at {last}")
         start, history = _load_checkpoint(last, perk_model, optimizer)
+        if history and history[-1].get("stopped_early"):
+            return history  # the run ended by early stopping: nothing left to do
 
     bar = None
     if progress and ctx.is_main:
@@ -378,6 +383,8 @@ def meta_train(
                         perk_model.train(True)
 
                 record["eval"] = _on_main(ctx, run_eval)
+                if early_stop is not None and early_stop(record["eval"]):
+                    record["stopped_early"] = True
             if ctx.is_main:
                 if on_step is not None:
                     on_step(record)
@@ -387,6 +394,8 @@ def meta_train(
                                      "inner": f"{record['inner_loss_first']:.3f}->{record['inner_loss_last']:.3f}"})
             if last and checkpoint_every and (step + 1) % checkpoint_every == 0:
                 _on_main(ctx, lambda: _save_checkpoint(last, perk_model, optimizer, step + 1, history))
+            if record.get("stopped_early"):
+                break
     except BaseException as err:
         if (ctx.active and not status_known and not isinstance(err, distributed.RankFailed)
                 and id(err) not in _announced):
@@ -404,7 +413,8 @@ def meta_train(
         for p in unfrozen:
             p.requires_grad_(False)
     if last:
-        _on_main(ctx, lambda: _save_checkpoint(last, perk_model, optimizer, total, history))
+        done = history[-1]["step"] if history else start
+        _on_main(ctx, lambda: _save_checkpoint(last, perk_model, optimizer, done, history))
     return history
 
 

@@ -21,7 +21,7 @@ TIERS = [
     ("kernels", {"kernels"}),
     ("foundations", {"config", "data", "io", "seeds", "schedule", "hf", "tokenizer", "metrics", "tasks",
                      "profiling"}),
-    ("building blocks", {"lora", "loss", "inner", "generation", "readers"}),
+    ("building blocks", {"lora", "loss", "inner", "generation", "readers", "distributed"}),
     ("engine", {"engine"}),
     ("memory", {"memory"}),
     ("model", {"model"}),
@@ -29,9 +29,9 @@ TIERS = [
     ("evaluation", {"evaluate.scoring", "evaluate.plots"}),
     ("baselines and sweeps", {"evaluate.icr", "evaluate.sweeps"}),
     ("evaluation api", {"evaluate"}),
-    ("applications", {"demo_train", "cli"}),
+    ("applications", {"demo_train", "runs"}),
     ("demo", {"demo"}),
-    ("entry points", {"", "__main__"}),
+    ("entry points", {"", "cli", "__main__"}),
 ]
 
 
