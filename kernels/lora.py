@@ -30,7 +30,9 @@ Design limits
 * dA and dB reduce over all tokens of a context; they run as ``torch.bmm`` in the adapter dtype
   (cuBLAS splits that long reduction), with transient casts of lora_x / dY to the adapter dtype.
 * Strides are honoured (non-contiguous and broadcast inputs are never copied); offsets are int64.
-* Contexts run on grid axis 1, so B <= 65535.
+* Contexts run on grid axis 1, so B <= 65535 (a larger B is an error that says to batch).
+* At most ``SMALL_M`` (16) tokens per context -- decoding, one new token per context -- the call goes
+  to the batched-matmul twin: a tile of BLOCK_M >= 16 rows per context would be mostly padding.
 * fp64 runs everywhere (``tl.dot`` takes fp64 on GPUs and in the interpreter): the gradchecks use it.
 * No autocast handling: pass tensors in the dtypes you want.
 * Under ``TRITON_INTERPRET=1`` (CPU tests) bf16 ``tl.dot`` is not supported by the interpreter;
@@ -44,8 +46,12 @@ import os
 import struct
 
 import torch
-import triton
-import triton.language as tl
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised by the no-triton test in a subprocess
+    triton = tl = None
 
 from .backend import interpreter_enabled, use_triton
 from .lora_ref import check_lora_inputs, lora_linear_ref
@@ -53,13 +59,15 @@ from .lora_ref import check_lora_inputs, lora_linear_ref
 __all__ = ["lora_linear", "lora_forward", "lora_down_forward", "LoRALinearFunction"]
 
 _FLIPPED_LAYOUT = {"linear": "conv1d", "conv1d": "linear"}
-_TL_DTYPES = {
+_TL_DTYPES = {} if tl is None else {
     torch.float16: tl.float16,
     torch.bfloat16: tl.bfloat16,
     torch.float32: tl.float32,
     torch.float64: tl.float64,
 }
 _HALF = (torch.float16, torch.bfloat16)
+MAX_CONTEXTS = 65535  # CUDA's limit on grid axis 1, where the contexts run
+SMALL_M = 16  # at most this many tokens per context: a batched matmul instead of the tiled kernels
 
 
 # --------------------------------------------------------------------------------------------
@@ -67,141 +75,144 @@ _HALF = (torch.float16, torch.bfloat16)
 # --------------------------------------------------------------------------------------------
 
 
-@triton.jit
-def _lora_down_kernel(
-    X_ptr, A_ptr, XA_ptr,
-    M, K, R,
-    stride_xb, stride_xm, stride_xk,
-    stride_ab, stride_ar, stride_ak,
-    stride_ob, stride_om, stride_or,
-    M_KEY,  # autotuning key only (bucketed M)
-    LR_DTYPE: tl.constexpr, LR_PRECISION: tl.constexpr, SPLIT: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """XA[b] = X[b] @ A[b]^T: one (BLOCK_M, BLOCK_R) tile of context b = program_id(1).
+if triton is not None:  # the kernels exist only where triton is installed (the twin runs elsewhere)
 
-    SPLIT (16-bit X, fp32 A): A = A_hi + A_lo with both halves in X's dtype, and two 16-bit dots
-    X A_hi + X A_lo. X is exact in its own dtype, so for bf16 the products keep ~16 mantissa
-    bits of A (error <= 2^-17 relative) at tensor-core speed; fp32 FMA dots would be ~15x slower.
-    """
-    pid = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    num_r = tl.cdiv(R, BLOCK_R)
-    pid_m = pid // num_r
-    pid_r = pid % num_r
+    @triton.jit
+    def _lora_down_kernel(
+        X_ptr, A_ptr, XA_ptr,
+        M, K, R,
+        stride_xb, stride_xm, stride_xk,
+        stride_ab, stride_ar, stride_ak,
+        stride_ob, stride_om, stride_or,
+        M_KEY,  # autotuning key only (bucketed M)
+        LR_DTYPE: tl.constexpr, LR_PRECISION: tl.constexpr, SPLIT: tl.constexpr, ACC_DTYPE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """XA[b] = X[b] @ A[b]^T: one (BLOCK_M, BLOCK_R) tile of context b = program_id(1).
 
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_r = (pid_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
-    # wrap rows/cols instead of masking them in the loop: loads stay in bounds, stores are masked
-    rows = offs_m % M
-    cols = offs_r % R
-    x_ptrs = X_ptr + pid_b * stride_xb + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    a_ptrs = A_ptr + pid_b * stride_ab + offs_k[:, None] * stride_ak + cols[None, :] * stride_ar
-    step_x = tl.cast(stride_xk, tl.int64) * BLOCK_K
-    step_a = tl.cast(stride_ak, tl.int64) * BLOCK_K
+        SPLIT (16-bit X, fp32 A): A = A_hi + A_lo with both halves in X's dtype, and two 16-bit dots
+        X A_hi + X A_lo. X is exact in its own dtype, so for bf16 the products keep ~16 mantissa
+        bits of A (error <= 2^-17 relative) at tensor-core speed; fp32 FMA dots would be ~15x slower.
+        """
+        pid = tl.program_id(0)
+        pid_b = tl.program_id(1).to(tl.int64)
+        num_r = tl.cdiv(R, BLOCK_R)
+        pid_m = pid // num_r
+        pid_r = pid % num_r
 
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
-    for k0 in range(0, K, BLOCK_K):
-        k_in = offs_k < K - k0
-        x = tl.load(x_ptrs, mask=k_in[None, :], other=0.0)
-        a = tl.load(a_ptrs, mask=k_in[:, None], other=0.0)
-        if SPLIT:
-            a_hi = a.to(LR_DTYPE)
-            a_lo = (a - a_hi.to(a.dtype)).to(LR_DTYPE)
-            acc = tl.dot(x, a_hi, acc)
-            acc = tl.dot(x, a_lo, acc)
-        else:
-            acc = tl.dot(x.to(LR_DTYPE), a.to(LR_DTYPE), acc, input_precision=LR_PRECISION)
-        x_ptrs += step_x
-        a_ptrs += step_a
+        offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        offs_r = (pid_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+        offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+        # wrap rows/cols instead of masking them in the loop: loads stay in bounds, stores are masked
+        rows = offs_m % M
+        cols = offs_r % R
+        x_ptrs = X_ptr + pid_b * stride_xb + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+        a_ptrs = A_ptr + pid_b * stride_ab + offs_k[:, None] * stride_ak + cols[None, :] * stride_ar
+        step_x = tl.cast(stride_xk, tl.int64) * BLOCK_K
+        step_a = tl.cast(stride_ak, tl.int64) * BLOCK_K
 
-    o_ptrs = XA_ptr + pid_b * stride_ob + offs_m[:, None] * stride_om + offs_r[None, :] * stride_or
-    tl.store(o_ptrs, acc.to(XA_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
+        for k0 in range(0, K, BLOCK_K):
+            k_in = offs_k < K - k0
+            x = tl.load(x_ptrs, mask=k_in[None, :], other=0.0)
+            a = tl.load(a_ptrs, mask=k_in[:, None], other=0.0)
+            if SPLIT:
+                a_hi = a.to(LR_DTYPE)
+                a_lo = (a - a_hi.to(a.dtype)).to(LR_DTYPE)
+                acc = tl.dot(x, a_hi, acc)
+                acc = tl.dot(x, a_lo, acc)
+            else:
+                acc = tl.dot(x.to(LR_DTYPE), a.to(LR_DTYPE), acc, input_precision=LR_PRECISION)
+            x_ptrs += step_x
+            a_ptrs += step_a
 
-
-@triton.jit
-def _lora_fused_fwd_kernel(
-    X_ptr, W_ptr, Bias_ptr, XA_ptr, LB_ptr, Y_ptr,
-    M, N, K, R,
-    scale_hi, scale_lo,
-    stride_xb, stride_xm, stride_xk,
-    stride_wn, stride_wk,
-    stride_xab, stride_xam, stride_xar,
-    stride_lbb, stride_lbn, stride_lbr,
-    stride_yb, stride_ym, stride_yn,
-    M_KEY,  # autotuning key only (bucketed M)
-    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
-    BASE_PRECISION: tl.constexpr, LR_DTYPE: tl.constexpr, LR_PRECISION: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
-    """Y[b] = X[b] W^T + bias + s * XA[b] LB[b]^T for one (BLOCK_M, BLOCK_N) tile of context b.
-
-    W is addressed through (stride_wn, stride_wk), so one kernel serves both weight layouts and
-    the backward (W read transposed) without copies. The scale arrives as an fp32 pair
-    ``scale_hi + scale_lo`` so that fp64 runs see it in full precision (float args are fp32).
-    """
-    pid = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    # grouped order: GROUP_M row-tiles sweep the N tiles together, so W tiles are reused from L2
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
-
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    rows = offs_m % M
-    cols = offs_n % N
-
-    # base GEMM: acc = X[b] W^T
-    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
-    x_ptrs = X_ptr + pid_b * stride_xb + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = W_ptr + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn
-    step_x = tl.cast(stride_xk, tl.int64) * BLOCK_K
-    step_w = tl.cast(stride_wk, tl.int64) * BLOCK_K
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    for k0 in range(0, K, BLOCK_K):
-        k_in = offs_k < K - k0
-        x = tl.load(x_ptrs, mask=k_in[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_in[:, None], other=0.0)
-        acc = tl.dot(x, w, acc, input_precision=BASE_PRECISION)
-        x_ptrs += step_x
-        w_ptrs += step_w
-
-    # low-rank part into the same tile: acc += (s * XA[b]) LB[b]^T
-    if HAS_LORA:
-        scale = tl.cast(scale_hi, ACC_DTYPE) + tl.cast(scale_lo, ACC_DTYPE)
-        offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
-        xa_ptrs = XA_ptr + pid_b * stride_xab + rows[:, None] * stride_xam + offs_r[None, :] * stride_xar
-        lb_ptrs = LB_ptr + pid_b * stride_lbb + offs_r[:, None] * stride_lbr + cols[None, :] * stride_lbn
-        step_xa = tl.cast(stride_xar, tl.int64) * BLOCK_R
-        step_lb = tl.cast(stride_lbr, tl.int64) * BLOCK_R
-        for r0 in tl.range(0, R, BLOCK_R, num_stages=1):  # short loop: do not spend shared memory on pipelining it
-            r_in = offs_r < R - r0
-            xa = tl.load(xa_ptrs, mask=r_in[None, :], other=0.0)
-            lb = tl.load(lb_ptrs, mask=r_in[:, None], other=0.0)
-            xa = (xa.to(ACC_DTYPE) * scale).to(LR_DTYPE)
-            acc = tl.dot(xa, lb.to(LR_DTYPE), acc, input_precision=LR_PRECISION)
-            xa_ptrs += step_xa
-            lb_ptrs += step_lb
-
-    if HAS_BIAS:
-        bias = tl.load(Bias_ptr + cols)
-        acc += bias.to(ACC_DTYPE)[None, :]
-
-    y_ptrs = Y_ptr + pid_b * stride_yb + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(Y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+        o_ptrs = XA_ptr + pid_b * stride_ob + offs_m[:, None] * stride_om + offs_r[None, :] * stride_or
+        tl.store(o_ptrs, acc.to(XA_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
 
 
-# --------------------------------------------------------------------------------------------
-# Launchers
-# --------------------------------------------------------------------------------------------
+    @triton.jit
+    def _lora_fused_fwd_kernel(
+        X_ptr, W_ptr, Bias_ptr, XA_ptr, LB_ptr, Y_ptr,
+        M, N, K, R,
+        scale_hi, scale_lo,
+        stride_xb, stride_xm, stride_xk,
+        stride_wn, stride_wk,
+        stride_xab, stride_xam, stride_xar,
+        stride_lbb, stride_lbn, stride_lbr,
+        stride_yb, stride_ym, stride_yn,
+        M_KEY,  # autotuning key only (bucketed M)
+        HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+        BASE_PRECISION: tl.constexpr, LR_DTYPE: tl.constexpr, LR_PRECISION: tl.constexpr,
+        ACC_DTYPE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):
+        """Y[b] = X[b] W^T + bias + s * XA[b] LB[b]^T for one (BLOCK_M, BLOCK_N) tile of context b.
+
+        W is addressed through (stride_wn, stride_wk), so one kernel serves both weight layouts and
+        the backward (W read transposed) without copies. The scale arrives as an fp32 pair
+        ``scale_hi + scale_lo`` so that fp64 runs see it in full precision (float args are fp32).
+        """
+        pid = tl.program_id(0)
+        pid_b = tl.program_id(1).to(tl.int64)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        # grouped order: GROUP_M row-tiles sweep the N tiles together, so W tiles are reused from L2
+        per_group = GROUP_M * num_n
+        first_m = (pid // per_group) * GROUP_M
+        group_rows = min(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % group_rows
+        pid_n = (pid % per_group) // group_rows
+
+        offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        rows = offs_m % M
+        cols = offs_n % N
+
+        # base GEMM: acc = X[b] W^T
+        offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+        x_ptrs = X_ptr + pid_b * stride_xb + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+        w_ptrs = W_ptr + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn
+        step_x = tl.cast(stride_xk, tl.int64) * BLOCK_K
+        step_w = tl.cast(stride_wk, tl.int64) * BLOCK_K
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+        for k0 in range(0, K, BLOCK_K):
+            k_in = offs_k < K - k0
+            x = tl.load(x_ptrs, mask=k_in[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_in[:, None], other=0.0)
+            acc = tl.dot(x, w, acc, input_precision=BASE_PRECISION)
+            x_ptrs += step_x
+            w_ptrs += step_w
+
+        # low-rank part into the same tile: acc += (s * XA[b]) LB[b]^T
+        if HAS_LORA:
+            scale = tl.cast(scale_hi, ACC_DTYPE) + tl.cast(scale_lo, ACC_DTYPE)
+            offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
+            xa_ptrs = XA_ptr + pid_b * stride_xab + rows[:, None] * stride_xam + offs_r[None, :] * stride_xar
+            lb_ptrs = LB_ptr + pid_b * stride_lbb + offs_r[:, None] * stride_lbr + cols[None, :] * stride_lbn
+            step_xa = tl.cast(stride_xar, tl.int64) * BLOCK_R
+            step_lb = tl.cast(stride_lbr, tl.int64) * BLOCK_R
+            for r0 in tl.range(0, R, BLOCK_R, num_stages=1):  # short loop: do not spend shared memory on pipelining it
+                r_in = offs_r < R - r0
+                xa = tl.load(xa_ptrs, mask=r_in[None, :], other=0.0)
+                lb = tl.load(lb_ptrs, mask=r_in[:, None], other=0.0)
+                xa = (xa.to(ACC_DTYPE) * scale).to(LR_DTYPE)
+                acc = tl.dot(xa, lb.to(LR_DTYPE), acc, input_precision=LR_PRECISION)
+                xa_ptrs += step_xa
+                lb_ptrs += step_lb
+
+        if HAS_BIAS:
+            bias = tl.load(Bias_ptr + cols)
+            acc += bias.to(ACC_DTYPE)[None, :]
+
+        y_ptrs = Y_ptr + pid_b * stride_yb + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+        tl.store(y_ptrs, acc.to(Y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+    # --------------------------------------------------------------------------------------------
+    # Launchers
+    # --------------------------------------------------------------------------------------------
+
 
 # Hopper (H100/H200) tiles for 16-bit inputs: 128x128 / 128x256 output tiles with 64-deep K slices
 # keep the wgmma pipes fed, 3-4 stages fit in 228 KB of shared memory. Checked by compiling
@@ -211,7 +222,7 @@ def _lora_fused_fwd_kernel(
 # is used alone when autotuning is off (PERK_FAST_AUTOTUNE=0), so it is the safe all-rounder.
 # The down-projection reads x once per BLOCK_R columns of XA (BLOCK_R up to 128), so 8 warps
 # share its fp32 accumulator.
-def _fused_configs(wide: bool) -> list[triton.Config]:
+def _fused_configs(wide: bool) -> list:
     if wide:  # fp32 / fp64 inputs: FMA or tf32 dots, keep tiles small
         shapes = [(64, 64, 32, 4, 3), (64, 128, 32, 8, 3)]
     else:
@@ -222,7 +233,7 @@ def _fused_configs(wide: bool) -> list[triton.Config]:
     ]
 
 
-def _down_configs(wide: bool) -> list[triton.Config]:
+def _down_configs(wide: bool) -> list:
     if wide:
         shapes = [(64, 32, 4, 3), (32, 32, 4, 3)]
     else:
@@ -583,11 +594,20 @@ def lora_linear(
         x, weight, bias, lora_a, lora_b, lora_x, scale=scale, weight_layout=weight_layout, precision=precision
     )
     frozen = not (weight.requires_grad or (bias is not None and bias.requires_grad))
-    if not (use_triton(x, weight, bias, lora_a, lora_b, lora_x) and frozen):
+    # decoding (a few tokens per context) would fill a BLOCK_M-row tile per context with padding: a
+    # batched matmul (cuBLAS) does it without waste
+    small_m = x.shape[1] <= SMALL_M
+    if not (use_triton(x, weight, bias, lora_a, lora_b, lora_x) and frozen and not small_m):
         return lora_linear_ref(
             x, weight, bias, lora_a, lora_b,
             scale=scale, weight_layout=weight_layout, lora_x=lora_x, precision=precision,
         )
+    if triton is None:
+        raise RuntimeError("lora_linear: the Triton path was selected but triton is not installed "
+                           "(pip install triton, or use backend 'torch')")
+    if x.shape[0] > MAX_CONTEXTS:
+        raise ValueError(f"lora_linear: {x.shape[0]} contexts exceed the {MAX_CONTEXTS} the kernel grid allows "
+                         "(contexts run on grid axis 1); adapt them in batches, e.g. encode(..., batch_size=4096)")
     if lora_x is x:
         lora_x = None
     _check_triton_dtypes(x, weight, lora_a, lora_b, lora_x)

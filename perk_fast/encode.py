@@ -7,7 +7,6 @@ import torch
 
 from .config import check_int
 from .engine import run_inner_loop
-from .io import model_fingerprint
 from .memory import Memory
 from .model import PerkModel
 
@@ -66,7 +65,8 @@ def encode(
     return Memory(
         tensors,
         [s.n_docs for s in segments],
-        model_fingerprint(perk_model.hf_model),
+        perk_model.fingerprint(),
         [s.name for s in perk_model.sites],
         {"inner_steps": steps, "segments": [len(s.segments) for s in segments]},
+        perk_model.lora_settings(),
     )

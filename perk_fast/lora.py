@@ -105,6 +105,7 @@ def find_sites(model: nn.Module, config: PerkConfig) -> list[tuple[str, nn.Modul
         layer = _layer_of(name)
         if config.layers is not None and layer not in config.layers:
             continue
+        _refuse_unsupported(model_type, name, module, model)
         if conv1d and isinstance(module, conv1d):
             in_f, out_f = module.weight.shape
             found.append((name, module, "conv1d", in_f, out_f))
@@ -130,6 +131,20 @@ def find_sites(model: nn.Module, config: PerkConfig) -> list[tuple[str, nn.Modul
         if absent:
             raise ValueError(f"model type {model_type!r}: layers {absent} do not exist (PerkConfig.layers)")
     return found
+
+
+def _refuse_unsupported(model_type: str, name: str, module: nn.Module, model: nn.Module) -> None:
+    """Targets perk_fast would compute wrongly: quantised linears, mixture-of-experts experts."""
+    cls = type(module)
+    if cls.__module__.startswith("bitsandbytes") or cls.__name__ in ("Linear4bit", "Linear8bitLt", "Params4bit"):
+        raise ValueError(f"model type {model_type!r}: target module {name!r} is a bitsandbytes {cls.__name__}; "
+                         "quantised linears are not supported (their weight is not a plain matrix): load the model "
+                         "in bf16 / fp32")
+    if ".experts." in f".{name}." or any(getattr(model.config, f, None) for f in
+                                         ("num_experts", "num_local_experts", "n_routed_experts")) and "expert" in name:
+        raise ValueError(f"model type {model_type!r}: target module {name!r} is a mixture-of-experts expert "
+                         "projection; routed experts are not supported as memory sites (each token would reach "
+                         "only some of them): target the attention projections with PerkConfig(target_modules=...)")
 
 
 def inject_lora(model: nn.Module, config: PerkConfig, slot: AdapterSlot) -> list[LoraSite]:

@@ -36,7 +36,7 @@ from .engine import InnerProblem, adapt
 from .generation import generate_continuations
 from .inner import InnerOptimizer
 from .io import check_fingerprint, load_tensors, model_fingerprint, read_header, save_tensors, write_header
-from .lora import ActiveAdapters, AdapterSlot, init_lora_tensors, inject_lora
+from .lora import ActiveAdapters, AdapterSlot, find_sites, init_lora_tensors, inject_lora
 from .loss import WeightingModel, lm_head_loss_sum
 from .memory import Memory
 from .seeds import call_seed, context_rng, pass_seed, row_keys
@@ -133,12 +133,14 @@ class PerkModel(nn.Module):
         self.hf_model.eval()
         return self
 
-    def to(self, *args: Any, **kwargs: Any) -> "PerkModel":
-        """Like ``nn.Module.to``; meta-parameters stay fp32 when the base goes to fp16/bf16."""
-        super().to(*args, **kwargs)
-        for t in self._meta_tensors():
+    def _apply(self, fn, recurse: bool = True):
+        """``.to`` / ``.half()`` / ``.bfloat16()`` / ``.cuda()`` apply to the base; the meta-parameters
+        follow device moves but keep their fp32 (fp64) values exactly when the base goes to 16 bits."""
+        saved = [(t, t.data) for t in self._meta_tensors()]
+        super()._apply(fn, recurse)
+        for t, old in saved:
             if t.dtype in (torch.float16, torch.bfloat16):
-                t.data = t.data.float()
+                t.data = old.to(t.device)  # the exact values, not a 16-bit round trip
         return self
 
     def _meta_tensors(self) -> Iterator[torch.Tensor]:
@@ -177,6 +179,20 @@ class PerkModel(nn.Module):
             out.append(b.unsqueeze(0).expand(n_contexts, *b.shape))
         return out
 
+    def site_weights(self) -> list[torch.Tensor]:
+        """The weights of the adapted projections (what identifies the base for a memory)."""
+        return [site.module.weight for site in self.sites]
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The base model's identity (architecture + a digest of the adapted projections' weights)."""
+        return model_fingerprint(self.hf_model, self.site_weights())
+
+    def lora_settings(self) -> dict[str, Any]:
+        """What a Memory records of its LoRA: rank, alpha, rsLoRA, scale, weight layouts, coverage."""
+        cfg = self.config
+        return {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "rslora": cfg.lora_rslora, "scale": cfg.lora_scale,
+                "layouts": [s.layout for s in self.sites], "all_layers": cfg.layers is None}
+
     def init_tensors(self) -> list[nn.Parameter]:
         """The shared initial adapters in the engine's order: [A_0, B_0, A_1, B_1, ...]."""
         return [x for pair in zip(self.lora_A, self.lora_B) for x in pair]
@@ -200,12 +216,15 @@ class PerkModel(nn.Module):
     def adapters_active(self, params: Sequence[torch.Tensor], dropout_keys: torch.Tensor | None = None):
         """Make the projections use ``params`` ([A_0, B_0, ...], context-major rows); with
         ``dropout_keys`` (rows,) the LoRA inputs get the dropout masks of those row keys."""
+        if len(params) != 2 * len(self.sites):
+            raise ValueError(f"{len(params)} adapter tensors for {len(self.sites)} projections: pass [A_0, B_0, ...]")
         pairs = [(params[2 * i], params[2 * i + 1]) for i in range(len(self.sites))]
+        outer = self._slot.active
         self._slot.active = ActiveAdapters(pairs, self.config.lora_scale, self.config.lora_dropout, dropout_keys)
         try:
             yield
         finally:
-            self._slot.active = None
+            self._slot.active = outer  # a nested use restores the adapters around it
 
     def hidden_states(
         self, input_ids: torch.Tensor, params: Sequence[torch.Tensor], *, seed: int | None, second_order: bool,
@@ -218,6 +237,7 @@ class PerkModel(nn.Module):
         differentiated twice, so attention must use a twice-differentiable path (math SDPA);
         otherwise fused SDPA backends are allowed.
         """
+        hf.check_runtime(self.hf_model)
         attention = contextlib.nullcontext()
         if second_order:
             from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -348,31 +368,80 @@ class PerkModel(nn.Module):
         query = self.query_batch(questions, answers, supports, [s.n_docs for s in segments])
         return self.outer_loss(adapted, query, seed=seed, context_ids=ids, normalizer=batch_size)
 
-    def generate(self, memory, questions: Sequence[str], max_new_tokens: int = 32) -> list[str]:
-        """Greedy answers: question i from memory i (or one memory for all questions)."""
+    def _memory_params(self, memory: Memory, rows: int, what: str = "rows") -> list[torch.Tensor]:
+        """The memory's tensors on this model's device, one context per row group (broadcast when it has one)."""
         if not isinstance(memory, Memory):
             raise TypeError(f"memory must be a perk_fast.Memory (from encode), got {type(memory).__name__}")
-        check_fingerprint(memory.fingerprint, self.hf_model, "memory")
+        memory.check_compatible(self)
+        if len(memory) == 1 and rows > 1:
+            memory = memory.expand(rows)
+        elif len(memory) != rows:
+            raise ValueError(f"{rows} {what} for a memory of {len(memory)} contexts: pass one per context, or one memory")
+        return [t.to(self.device) for t in memory.tensors]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, *, memory: Memory | None = None, **kwargs: Any):
+        """The base model's forward with row i using memory i (or one memory for every row).
+
+        Returns a ``transformers`` ``CausalLMOutput`` (``logits``; ``loss`` when ``labels`` are
+        given, HF's shifted mean cross-entropy). Without ``memory`` it is the plain base model.
+        Other keyword arguments go to the base model's forward.
+        """
+        from transformers.modeling_outputs import CausalLMOutput
+
+        if memory is None:
+            out = self.hf_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        else:
+            params = self._memory_params(memory, input_ids.shape[0])
+            with self.adapters_active(params, None):
+                out = self.hf_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        return CausalLMOutput(loss=getattr(out, "loss", None), logits=out.logits)
+
+    def generate(self, memory, questions: Sequence[str], max_new_tokens: int = 32, **generate_kwargs: Any):
+        """Answers: question i from memory i (or one memory for all questions), no context in the prompt.
+
+        Greedy by default; every ``transformers`` generation option passes through
+        (``do_sample``, ``temperature``, ``num_beams``, ``num_return_sequences``, ``stop_strings``,
+        ``generation_config``, ...). Returns one string per question, or a list of
+        ``num_return_sequences`` strings per question when that is above 1.
+        """
         if isinstance(questions, str) or not isinstance(questions, Sequence) or len(questions) == 0:
             raise ValueError("questions must be a non-empty list of strings")
         for i, q in enumerate(questions):
             check_text(q, f"questions[{i}]")
         check_int("max_new_tokens", max_new_tokens)
         n = len(questions)
-        if len(memory) == 1 and n > 1:
-            memory = memory.expand(n)
-        elif len(memory) != n:
-            raise ValueError(f"{n} questions for a memory of {len(memory)} contexts: pass one per context, or one memory")
-        prompts = [prompt_ids(self.tokenizer, query_prompt(q, memory.n_docs[i])) for i, q in enumerate(questions)]
-        params = [t.to(self.device) for t in memory.tensors]
+        params = self._memory_params(memory, n, "questions")
+        n_docs = memory.n_docs if len(memory) == n else memory.n_docs * n
+        prompts = [prompt_ids(self.tokenizer, query_prompt(q, n_docs[i])) for i, q in enumerate(questions)]
+        if "stop_strings" in generate_kwargs:
+            generate_kwargs.setdefault("tokenizer", self.tokenizer)
+        per_row = int(generate_kwargs.get("num_return_sequences") or 1)
+        beams = int(generate_kwargs.get("num_beams") or 1)
+        config = generate_kwargs.get("generation_config")
+        if config is not None:
+            per_row = int(generate_kwargs.get("num_return_sequences") or config.num_return_sequences or 1)
+            beams = int(generate_kwargs.get("num_beams") or config.num_beams or 1)
+        # HF repeats each row for its beams / samples next to each other: the rows stay context-major
+        expand = max(per_row, beams)
+        if expand > 1:
+            params = [t.repeat_interleave(expand, dim=0) for t in params]
         with self.adapters_active(params, None):
             new = generate_continuations(self.hf_model, prompts, pad_id=pad_id(self.tokenizer),
-                                         eos_id=self.tokenizer.eos_token_id, max_new_tokens=max_new_tokens)
-        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+                                         eos_id=self.tokenizer.eos_token_id, max_new_tokens=max_new_tokens,
+                                         **generate_kwargs)
+        texts = [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+        if per_row > 1:
+            return [texts[i * per_row : (i + 1) * per_row] for i in range(n)]
+        return texts
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:
-        """Write the meta-parameters (safetensors) and a JSON header into directory ``path``."""
+        """Write the meta-parameters (safetensors) and a JSON header into directory ``path``.
+
+        The header holds the PerkConfig, the base model's fingerprint and name, and the adapted
+        projections; the base model itself is not written (load it as usual and pass it to :meth:`load`).
+        """
         tensors = dict(self.named_meta_parameters())
         if not isinstance(self.inner_lrs, nn.Parameter):
             tensors["inner_lrs"] = self.inner_lrs
@@ -381,18 +450,50 @@ class PerkModel(nn.Module):
             "format": "perk_fast.PerkModel",
             "version": _FORMAT_VERSION,
             "config": self.config.to_dict(),
-            "base_model": model_fingerprint(self.hf_model),
+            "base_model": self.fingerprint(),
+            "base_model_name_or_path": getattr(self.hf_model.config, "_name_or_path", None) or None,
             "sites": [s.name for s in self.sites],
         })
+
+    save_pretrained = save
 
     @classmethod
     def load(cls, path: str | os.PathLike, hf_model: nn.Module, tokenizer: Any) -> "PerkModel":
         """Rebuild a PerkModel saved with :meth:`save` on ``hf_model`` (checked to be the same base)."""
         header = read_header(path, "perk_model.json", "perk_fast.PerkModel")
-        check_fingerprint(header["base_model"], hf_model, f"PerkModel at {path}")
-        model = cls(hf_model, tokenizer, PerkConfig.from_dict(header["config"]))
+        config = PerkConfig.from_dict(header["config"])
+        hf.check_causal_lm(hf_model)
+        weights = [module.weight for _, module, *_ in find_sites(hf_model, config)]
+        check_fingerprint(header["base_model"], hf_model, f"PerkModel at {path}", weights)
+        model = cls(hf_model, tokenizer, config)
         model.load_meta_state(load_tensors(path, "meta_parameters.safetensors"))
         return model
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, hf_model: nn.Module | None = None, tokenizer: Any = None,
+                        **hf_kwargs: Any) -> "PerkModel":
+        """:meth:`load` under the Hugging Face name. Without ``hf_model`` / ``tokenizer`` the base is
+        loaded from the name recorded at save time (``base_model_name_or_path``) with
+        ``AutoModelForCausalLM`` / ``AutoTokenizer`` (``hf_kwargs`` go to the model's from_pretrained)."""
+        if hf_model is None or tokenizer is None:
+            header = read_header(path, "perk_model.json", "perk_fast.PerkModel")
+            name = header.get("base_model_name_or_path")
+            if not name:
+                raise ValueError(f"PerkModel at {path} records no base_model_name_or_path: pass hf_model and tokenizer")
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            hf_model = hf_model if hf_model is not None else AutoModelForCausalLM.from_pretrained(name, **hf_kwargs)
+            tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(name)
+        return cls.load(path, hf_model, tokenizer)
+
+    def init_memory(self) -> Memory:
+        """The meta-learned initialisation as a one-context Memory (what every context starts from)."""
+        return Memory([t.detach().unsqueeze(0).clone() for t in self.init_tensors()], [0], self.fingerprint(),
+                      [s.name for s in self.sites], {"kind": "meta-learned initialisation"}, self.lora_settings())
+
+    def export_init_peft(self, path: str | os.PathLike, *, base_model_name_or_path: str | None = None) -> None:
+        """Write the meta-learned LoRA initialisation as a PEFT adapter directory (:meth:`Memory.to_peft`)."""
+        self.init_memory().to_peft(path, perk_model=self, base_model_name_or_path=base_model_name_or_path)
 
     def load_meta_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy saved meta-parameters in place (names and shapes must match exactly)."""

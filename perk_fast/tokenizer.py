@@ -132,6 +132,38 @@ class ByteTokenizer:
         """Ids of all special tokens."""
         return [self._special_to_id[t] for t in self._specials]
 
+    def get_vocab(self) -> dict[str, int]:
+        """Token text -> id, as Hugging Face tokenizers report it (bytes as latin-1 characters, then
+        the special tokens); what ``stop_strings`` generation matches against."""
+        vocab = {chr(i): i for i in range(_N_BYTES)}
+        vocab.update({text: _N_BYTES + k for k, text in enumerate(self._specials)})
+        return vocab
+
+    def convert_ids_to_tokens(self, ids: int | Sequence[int]) -> str | list[str]:
+        """Id(s) -> token text(s) (the inverse of :meth:`get_vocab`)."""
+        inverse = {i: t for t, i in self.get_vocab().items()}
+        if isinstance(ids, int):
+            return inverse[ids]
+        return [inverse[int(i)] for i in ids]
+
+    def _convert_id_to_token(self, index: int) -> str:
+        """One id's token text (the hook Hugging Face's stop-string matching calls)."""
+        return self.convert_ids_to_tokens(int(index))
+
+    def convert_tokens_to_string(self, tokens: Sequence[str]) -> str:
+        """Token texts back to a string: byte tokens are decoded together as UTF-8."""
+        specials = set(self._specials)
+        out, pending = [], bytearray()
+        for token in tokens:
+            if token in specials:
+                out.append(pending.decode("utf-8", errors="replace"))
+                pending = bytearray()
+                out.append(token)
+            else:
+                pending += token.encode("latin-1")
+        out.append(pending.decode("utf-8", errors="replace"))
+        return "".join(out)
+
     def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> int | list[int]:
         """Map a special token's text (or a single character of one byte) to its id."""
         if isinstance(tokens, str):

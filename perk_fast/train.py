@@ -161,7 +161,7 @@ def _load_checkpoint(path: str, perk_model: PerkModel, optimizer) -> tuple[int, 
                 if name not in params or params[name].shape != value.shape:
                     raise ValueError(f"checkpoint {path}: trained base weight {name} does not fit this model")
                 params[name].copy_(value)
-    check_fingerprint(header["base_model"], perk_model.hf_model, f"checkpoint {path}")
+    check_fingerprint(header["base_model"], perk_model.hf_model, f"checkpoint {path}", perk_model.site_weights())
     perk_model.load_meta_state(
         {k: v.to(perk_model.device) for k, v in load_tensors(path, "meta_parameters.safetensors").items()}
     )

@@ -452,17 +452,20 @@ def test_chunked_lm_head_loss_leaves_meta_gradients_unchanged(meta_grad):
 
 
 def test_triton_backend_meta_gradient_equals_torch_backend():
-    # Triton kernels run under the CPU interpreter here (conftest sets TRITON_INTERPRET=1).
+    # Triton kernels run under the CPU interpreter without a GPU (conftest sets TRITON_INTERPRET=1),
+    # compiled on CUDA tensors where there is one.
     from perk_fast.kernels import use_backend
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     results = {}
     for backend in ("torch", "triton"):
         with use_backend(backend):
             pm = make(dtype=torch.float64, lm_head_loss="chunked", lm_head_chunk_size=16, inner_steps=2,
                       meta_grad="checkpointed", unroll="full", inner_optimizer="sgd", inner_lr=0.3,
                       layers=(1,))  # one layer keeps the interpreter run short; kernel tests cover the grid
+            pm.to(device)
             perturb_lora_b(pm)
             loss = pm.meta_loss(CONTEXTS[:2], QUESTIONS[:2], ANSWERS[:2])
-            results[backend] = (loss.item(), flat_grads(loss, list(pm.meta_parameters())))
+            results[backend] = (loss.item(), [g.cpu() for g in flat_grads(loss, list(pm.meta_parameters()))])
     assert results["triton"][0] == pytest.approx(results["torch"][0], rel=1e-10)
     assert rel_err(results["triton"][1], results["torch"][1]) <= 1e-8

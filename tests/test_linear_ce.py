@@ -23,6 +23,8 @@ from perk_fast.kernels.linear_ce import default_chunk_size, linear_cross_entropy
 from perk_fast.kernels.linear_ce_ref import linear_cross_entropy_full  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
+# forced Triton runs on CUDA tensors where there is a GPU (no interpreter there), else on CPU ones
+TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
 REDUCTIONS = ("none", "sum", "mean", "mean_all")
 
 
@@ -69,20 +71,24 @@ def _make_case(n, d, vocab, chunk, mask, weighted, reduction, seed=0):
     return case
 
 
-def _all_derivatives(fn, case, dtype):
-    """loss, (dH, dw), second-order (Hbar, wbar, gbar) in fp64 for comparison."""
-    hidden = case["hidden"].to(dtype).requires_grad_()
-    weight = case["weight"].to(dtype)
+def _device(backend: str) -> str:
+    return TRITON_DEVICE if backend == "triton" else "cpu"
+
+
+def _all_derivatives(fn, case, dtype, device="cpu"):
+    """loss, (dH, dw), second-order (Hbar, wbar, gbar) in fp64 on the CPU for comparison."""
+    hidden = case["hidden"].to(device, dtype).requires_grad_()
+    weight = case["weight"].to(device, dtype)
     weights = case["token_weights"]
-    weights = None if weights is None else weights.to(dtype).requires_grad_()
-    loss = fn(hidden, weight, case["labels"], weights)
-    upstream = case["upstream"].to(loss.dtype).requires_grad_()
+    weights = None if weights is None else weights.to(device, dtype).requires_grad_()
+    loss = fn(hidden, weight, case["labels"].to(device), weights)
+    upstream = case["upstream"].to(device, loss.dtype).requires_grad_()
     inputs = (hidden,) if weights is None else (hidden, weights)
     first = torch.autograd.grad(loss, inputs, upstream, create_graph=True)
-    adjoints = (case["adj_hidden"].to(dtype), case["adj_weights"].to(loss.dtype))[: len(first)]
+    adjoints = (case["adj_hidden"].to(device, dtype), case["adj_weights"].to(device, loss.dtype))[: len(first)]
     second = torch.autograd.grad(first, inputs + (upstream,), adjoints, allow_unused=True)
     second = [torch.zeros_like(x) if s is None else s for s, x in zip(second, inputs + (upstream,))]
-    return [t.detach().double() for t in (loss, *first, *second)], loss.dtype
+    return [t.detach().cpu().double() for t in (loss, *first, *second)], loss.dtype
 
 
 def _check(case, reduction, backend, chunk):
@@ -94,7 +100,7 @@ def _check(case, reduction, backend, chunk):
 
     dtype = torch.float64 if backend == "torch" else torch.float32
     with use_backend(backend):
-        got, loss_dtype = _all_derivatives(ours, case, dtype)
+        got, loss_dtype = _all_derivatives(ours, case, dtype, _device(backend))
     want, _ = _all_derivatives(ref, case, torch.float64)
     assert loss_dtype == dtype
     names = ["loss", "dH", "dw", "Hbar", "wbar", "gbar"] if case["token_weights"] is not None \
@@ -144,12 +150,14 @@ def test_custom_ignore_index_and_int32_labels():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_inputs(backend):
     gen = torch.Generator().manual_seed(8)
-    hidden = torch.randn(13, 2 * 9, generator=gen)[:, ::2].requires_grad_()  # stride (18, 2)
-    weight = torch.randn(31, 2 * 9, generator=gen)[:, 1::2]
-    labels = torch.randint(0, 31, (26,), generator=gen)[::2]
+    dev = _device(backend)
+    hidden = torch.randn(13, 2 * 9, generator=gen).to(dev)[:, ::2].requires_grad_()  # stride (18, 2)
+    weight = torch.randn(31, 2 * 9, generator=gen).to(dev)[:, 1::2]
+    labels = torch.randint(0, 31, (26,), generator=gen).to(dev)[::2]
     with use_backend(backend):
         got = linear_cross_entropy(hidden, weight, labels, reduction="sum", chunk_size=4)
         (dh,) = torch.autograd.grad(got, hidden)
+    got, dh, hidden, weight, labels = got.cpu(), dh.cpu(), hidden.cpu(), weight.cpu(), labels.cpu()
     h64 = hidden.detach().double().requires_grad_()
     want = linear_cross_entropy_full(h64, weight.double(), labels, reduction="sum")
     (dh_want,) = torch.autograd.grad(want, h64)
@@ -185,11 +193,13 @@ def test_grad_of_token_weights_only_and_no_grad():
 def test_gradcheck_gradgradcheck_fp64(backend, weighted):
     gen = torch.Generator().manual_seed(5)
     n, d, vocab = (7, 5, 11) if backend == "torch" else (5, 4, 9)
-    hidden = torch.randn(n, d, dtype=torch.float64, generator=gen, requires_grad=True)
-    weight = torch.randn(vocab, d, dtype=torch.float64, generator=gen)
+    dev = _device(backend)
+    hidden = torch.randn(n, d, dtype=torch.float64, generator=gen).to(dev).requires_grad_()
+    weight = torch.randn(vocab, d, dtype=torch.float64, generator=gen).to(dev)
     labels = torch.randint(0, vocab, (n,), generator=gen)
     labels[1] = -100
-    tw = torch.rand(n, dtype=torch.float64, generator=gen).add_(0.5).requires_grad_()
+    labels = labels.to(dev)
+    tw = torch.rand(n, dtype=torch.float64, generator=gen).add_(0.5).to(dev).requires_grad_()
     inputs = (hidden, tw) if weighted else (hidden,)
 
     def fn(h, w=None):

@@ -33,6 +33,15 @@ needs_native_cuda = pytest.mark.skipif(
     interpreter_enabled(), reason="TRITON_INTERPRET is set: CUDA tests must run the compiled kernels"
 )
 
+@pytest.fixture(autouse=True)
+def kernels_at_every_m(monkeypatch):
+    """The kernels are checked at every M here, small ones included; lora_linear's routing of
+    decoding-sized M to a batched matmul has its own test (test_small_m_goes_to_a_batched_matmul)."""
+    import perk_fast.kernels.lora as lora_module
+
+    monkeypatch.setattr(lora_module, "SMALL_M", 0)
+
+
 SCALE = 0.7  # not a power of two, so a mishandled scale shows in fp64
 LAYOUTS = ("linear", "conv1d")
 # (B contexts, M tokens, K in, N out, R rank): odd sizes that cross 16-wide tiles in every dim
@@ -488,3 +497,34 @@ def test_cuda_int64_offsets():
     torch.testing.assert_close(y[:, tail], y_tail, rtol=2e-2, atol=2e-2)
     del x, y
     torch.cuda.empty_cache()
+
+
+@needs_triton
+@pytest.mark.parametrize("m, launched", [(1, False), (16, False), (17, True)])
+def test_small_m_goes_to_a_batched_matmul(monkeypatch, m, launched):
+    """Decoding (one new token per context) must not spend a BLOCK_M-row tile per context."""
+    import perk_fast.kernels.lora as lora_module
+
+    monkeypatch.setattr(lora_module, "SMALL_M", 16)
+    calls = []
+    original = lora_module._launch
+    monkeypatch.setattr(lora_module, "_launch", lambda *a, **k: (calls.append(a[0]), original(*a, **k))[1])
+    inp = make_inputs((3, m, 19, 13, 4), dtype=torch.float32)
+    with use_backend("triton"):
+        y = lora_linear(inp.x, inp.weight, inp.bias, inp.lora_a, inp.lora_b, scale=SCALE, weight_layout=inp.layout)
+    want = lora_linear_ref(inp.x, inp.weight, inp.bias, inp.lora_a, inp.lora_b, scale=SCALE,
+                           weight_layout=inp.layout)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    assert bool(calls) == launched
+
+
+@needs_triton
+def test_more_contexts_than_the_grid_allows_is_a_clear_error():
+    from perk_fast.kernels.lora import MAX_CONTEXTS
+
+    b = MAX_CONTEXTS + 1
+    x = torch.zeros(b, 17, 2, device=DEVICE)
+    w = torch.zeros(3, 2, device=DEVICE)
+    a, bb = torch.zeros(b, 1, 2, device=DEVICE), torch.zeros(b, 3, 1, device=DEVICE)
+    with use_backend("triton"), pytest.raises(ValueError, match="65536 contexts exceed the 65535"):
+        lora_linear(x, w, None, a, bb, scale=1.0)
