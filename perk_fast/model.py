@@ -486,6 +486,66 @@ class PerkModel(nn.Module):
             tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(name)
         return cls.load(path, hf_model, tokenizer)
 
+    @classmethod
+    def from_reference_checkpoint(cls, path: str | os.PathLike, hf_model: nn.Module, tokenizer: Any,
+                                  config: PerkConfig | None = None) -> "PerkModel":
+        """A PerkModel holding the meta-parameters of a reference Lightning checkpoint (``.ckpt``).
+
+        The checkpoint is read weights-only (anything but tensors and plain containers is refused,
+        naming what was found). ``config`` defaults to ``PerkConfig.from_reference`` of the
+        checkpoint's hyper-parameters. ``hf_model`` must be the base the checkpoint was trained on
+        (its adapted projections are compared with the checkpoint's copy). The reference keeps
+        T + 1 learned rates per tensor; the first T are used (the last never was).
+        """
+        from .refckpt import read_reference_checkpoint
+
+        ckpt = read_reference_checkpoint(path)
+        if config is None:
+            from .config import REFERENCE_KEYS
+
+            config = PerkConfig.from_reference({k: v for k, v in ckpt.hyper_parameters.items() if k in REFERENCE_KEYS})
+        model = cls(hf_model, tokenizer, config)
+        model.load_reference_checkpoint(path, _parsed=ckpt)
+        return model
+
+    def load_reference_checkpoint(self, path: str | os.PathLike, *, _parsed=None) -> None:
+        """Copy the meta-parameters of a reference ``.ckpt`` into this PerkModel (see
+        :meth:`from_reference_checkpoint`); every projection, shape and base weight is checked."""
+        from .refckpt import read_reference_checkpoint
+
+        ckpt = _parsed if _parsed is not None else read_reference_checkpoint(path)
+        steps = self.config.inner_steps
+        with torch.no_grad():
+            for i, site in enumerate(self.sites):
+                missing = [what for what, table in (("lora_A", ckpt.lora_a), ("lora_B", ckpt.lora_b),
+                                                    ("learned rates of lora_A", ckpt.lrs_a),
+                                                    ("learned rates of lora_B", ckpt.lrs_b)) if site.name not in table]
+                if missing:
+                    raise ValueError(f"{path}: no {', '.join(missing)} for projection {site.name}")
+                base = ckpt.base.get(f"{site.name}.weight")
+                if base is not None and (base.shape != site.module.weight.shape or not torch.equal(
+                        base.to(site.module.weight), site.module.weight.detach())):
+                    raise ValueError(f"{path} was trained on another base model: its {site.name}.weight differs "
+                                     "from this model's")
+                for name, dest, src in (("lora_A", self.lora_A[i], ckpt.lora_a[site.name]),
+                                        ("lora_B", self.lora_B[i], ckpt.lora_b[site.name])):
+                    if tuple(src.shape) != tuple(dest.shape):
+                        raise ValueError(f"{path}: {name} of {site.name} has shape {tuple(src.shape)}, this PerkModel "
+                                         f"{tuple(dest.shape)} (lora_rank={self.config.lora_rank})")
+                    dest.copy_(src)
+                for row, lrs in ((2 * i, ckpt.lrs_a[site.name]), (2 * i + 1, ckpt.lrs_b[site.name])):
+                    if lrs.numel() not in (steps, steps + 1):
+                        raise ValueError(f"{path}: {lrs.numel()} learned rates for {site.name}, expected "
+                                         f"{steps + 1} (inner_steps={steps}, the reference keeps one more)")
+                    self.inner_lrs[row].copy_(lrs[:steps])
+            if self.weighting is not None:
+                own = dict(self.weighting.named_parameters())
+                if set(own) != set(ckpt.weighting):
+                    raise ValueError(f"{path}: weighting model parameters {sorted(ckpt.weighting)} do not match "
+                                     f"{sorted(own)}")
+                for name, p in own.items():
+                    p.copy_(ckpt.weighting[name])
+
     def init_memory(self) -> Memory:
         """The meta-learned initialisation as a one-context Memory (what every context starts from)."""
         return Memory([t.detach().unsqueeze(0).clone() for t in self.init_tensors()], [0], self.fingerprint(),

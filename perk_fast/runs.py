@@ -344,10 +344,14 @@ def load_meta(pm: PerkModel, checkpoint: str) -> None:
     from .io import load_tensors, read_header
 
     if not os.path.isdir(checkpoint):
-        if checkpoint.endswith(".ckpt") and hasattr(PerkModel, "load_reference_checkpoint_into"):
-            PerkModel.load_reference_checkpoint_into(pm, checkpoint)
+        if checkpoint.endswith(".ckpt") and os.path.isfile(checkpoint):
+            try:
+                pm.load_reference_checkpoint(checkpoint)
+            except (ValueError, FileNotFoundError) as err:
+                raise ConfigError(f"config key checkpoint={checkpoint!r}: {err}") from None
             return
-        raise ConfigError(f"config key checkpoint={checkpoint!r}: not a perk_fast checkpoint directory")
+        raise ConfigError(f"config key checkpoint={checkpoint!r}: not a perk_fast checkpoint directory or a "
+                          "reference .ckpt file")
     try:
         header = read_header(checkpoint, "perk_model.json", "perk_fast.PerkModel")
     except (FileNotFoundError, ValueError) as err:

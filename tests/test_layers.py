@@ -20,7 +20,7 @@ KERNELS = PACKAGE.parent / "kernels"  # installed as perk_fast.kernels
 TIERS = [
     ("kernels", {"kernels"}),
     ("foundations", {"config", "data", "io", "seeds", "schedule", "hf", "tokenizer", "metrics", "tasks",
-                     "profiling"}),
+                     "profiling", "refckpt"}),
     ("building blocks", {"lora", "loss", "inner", "generation", "readers", "distributed"}),
     ("engine", {"engine"}),
     ("memory", {"memory"}),
