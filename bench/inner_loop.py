@@ -83,7 +83,10 @@ def build_model(preset: str, dtype: torch.dtype, device: str) -> torch.nn.Module
     from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    if preset == "small":
+    if preset == "tiny":  # per-context work small next to per-call overhead (bench/throughput.py)
+        cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=2048, n_positions=512)
+        cls = GPT2LMHeadModel
+    elif preset == "small":
         cfg = GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=50257, n_positions=1024)
         cls = GPT2LMHeadModel
     elif preset == "gpt2":
@@ -95,7 +98,7 @@ def build_model(preset: str, dtype: torch.dtype, device: str) -> torch.nn.Module
                           rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
         cls = Qwen2ForCausalLM
     else:
-        raise ValueError(f"--preset {preset!r} is unknown: allowed small, gpt2, qwen2.5-0.5b")
+        raise ValueError(f"--preset {preset!r} is unknown: allowed tiny, small, gpt2, qwen2.5-0.5b")
     cfg._attn_implementation = "sdpa"
     with torch.device(device):
         model = cls(cfg)
@@ -431,7 +434,7 @@ def plot_sweep(points: list[dict], axis: str, path: Path, title: str) -> None:
 # ---------------------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="small", choices=["small", "gpt2", "qwen2.5-0.5b"])
+    ap.add_argument("--preset", default="small", choices=["tiny", "small", "gpt2", "qwen2.5-0.5b"])
     ap.add_argument("--steps", type=int, default=4, help="inner steps T")
     ap.add_argument("--segments", type=int, default=16, help="segments per context")
     ap.add_argument("--segment-len", type=int, default=None, help="tokens per segment (default 24 CPU, 256 CUDA)")

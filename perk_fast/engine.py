@@ -40,7 +40,8 @@ Strategies (``PerkConfig.meta_grad``):
        detached g_t: they skip the replay, exactly as the unrolled graph would.
 
     The result equals the unrolled meta-gradient to rounding; the cost is about one extra forward
-    + double backward per differentiated step.
+    + double backward per differentiated step, minus one micro-batch: the last step's last
+    micro-batch keeps its double-backward graph from the forward (the reverse walk starts with it).
 
 ``recomputed``
     Keeps nothing per step, not even g_t: the reverse walk recomputes g_0..g_t (first-order
@@ -196,8 +197,17 @@ class _FlatMemoryInnerLoop(torch.autograd.Function):
         params = [t.detach().unsqueeze(0).expand(problem.n_contexts, *t.shape) for t in init]
         states = opt.init_state(params)
         grads_per_step = []
+        # the last step's last micro-batch is computed with its double-backward graph and kept: the
+        # reverse walk starts there, so it skips one replay (memory: one micro-batch graph, which the
+        # replays need at their peak anyway -- still flat in T and in the context length)
+        keep_last = any(ctx.needs_input_grad) and problem.second_order[-1] and len(problem.micro_batches) > 0
+        ctx.kept = ctx.last_grads = None
         for t in range(problem.steps):
-            grads, loss = _inner_gradient(problem, params, t)
+            if keep_last and t == problem.steps - 1:
+                grads, loss, ctx.kept = _inner_gradient_keeping_last(problem, params, t)
+                ctx.last_grads = None if keep_gradients else grads
+            else:
+                grads, loss = _inner_gradient(problem, params, t)
             losses.append(loss)
             if keep_gradients:
                 grads_per_step.append(grads)
@@ -225,14 +235,20 @@ class _FlatMemoryInnerLoop(torch.autograd.Function):
         lr_bar = torch.zeros_like(lrs)
         w_bar = [torch.zeros_like(w) for w in weights]
         for t in reversed(range(problem.steps)):
+            # a one-item box: _replay_hvp pops the kept graph, so that nothing here holds it once it is used
+            kept = [ctx.kept] if t == problem.steps - 1 and ctx.kept is not None else None
+            ctx.kept = None if kept is not None else ctx.kept
             if grads_per_step is not None:
                 params, states = _replay_updates(opt, p0, s0, grads_per_step, lrs, t)
                 grads = grads_per_step[t]
+            elif kept is not None:  # recomputed: the last step's gradient came with the kept graph
+                params, states, grads = _recompute_step(problem, p0, s0, lrs, t, last_grads=ctx.last_grads)
+                ctx.last_grads = None
             else:
                 params, states, grads = _recompute_step(problem, p0, s0, lrs, t)
             p_bar, s_bar, g_bar, lr_bar[:, t] = _update_vjp(opt, params, states, grads, lrs[:, t], t, p_bar, s_bar)
             if problem.second_order[t]:
-                hvp_p, hvp_w = _replay_hvp(problem, params, t, g_bar, [weights[i] for i in w_needed])
+                hvp_p, hvp_w = _replay_hvp(problem, params, t, g_bar, [weights[i] for i in w_needed], kept=kept)
                 p_bar = [a + b for a, b in zip(p_bar, hvp_p)]
                 for i, v in zip(w_needed, hvp_w):
                     w_bar[i] = w_bar[i] + v
@@ -255,6 +271,24 @@ def _inner_gradient(problem: InnerProblem, params, t):
         return step_gradient(problem, leaves, t, create_graph=False)
 
 
+def _inner_gradient_keeping_last(problem: InnerProblem, params, t):
+    """(g_t, L_t, (leaves, g of the last micro-batch with its graph)): first-order passes for every
+    micro-batch but the last, whose gradient is taken with ``create_graph=True`` and kept."""
+    with torch.enable_grad():
+        leaves = [p.detach().requires_grad_(True) for p in params]
+        total, loss_sum, kept = None, 0.0, None
+        last = len(problem.micro_batches) - 1
+        for k, mb in enumerate(problem.micro_batches):
+            loss = problem.loss(leaves, mb, t, k == last)
+            grads = torch.autograd.grad(loss, leaves, create_graph=k == last)
+            if k == last:
+                kept = (leaves, grads)
+                grads = [g.detach() for g in grads]
+            total = list(grads) if total is None else [a + b for a, b in zip(total, grads)]
+            loss_sum = loss_sum + loss.detach()
+    return total, loss_sum, kept
+
+
 def _replay_updates(opt: InnerOptimizer, p0, s0, grads_per_step, lrs, t):
     """(p_t, state_t) recomputed from p_0 and the stored g_0..g_{t-1}.
 
@@ -268,8 +302,9 @@ def _replay_updates(opt: InnerOptimizer, p0, s0, grads_per_step, lrs, t):
     return params, states
 
 
-def _recompute_step(problem: InnerProblem, p0, s0, lrs, t):
-    """(p_t, state_t, g_t) rebuilt from p_0 by recomputing g_0..g_t (``recomputed``).
+def _recompute_step(problem: InnerProblem, p0, s0, lrs, t, last_grads=None):
+    """(p_t, state_t, g_t) rebuilt from p_0 by recomputing g_0..g_t (``recomputed``); ``last_grads``:
+    g_t as the forward computed it (the last step, whose gradient came with its kept graph).
 
     The same passes and elementwise updates on the same inputs as the forward, so the values are
     those of the forward; only the current step's tensors are alive.
@@ -281,6 +316,8 @@ def _recompute_step(problem: InnerProblem, p0, s0, lrs, t):
         with torch.no_grad():
             params, states = opt.step(params, grads, states, lrs[:, k].detach(), k)
         del grads
+    if last_grads is not None:
+        return params, states, last_grads
     grads, _ = _inner_gradient(problem, params, t)
     return params, states, grads
 
@@ -315,15 +352,26 @@ def _update_vjp(opt: InnerOptimizer, params, states, grads, lrs_t, t, p_bar, s_b
     return new_p_bar, new_s_bar, g_bar, lr_bar
 
 
-def _replay_hvp(problem: InnerProblem, params, t, g_bar, targets_w):
-    """Σ_c of (∂∇_p L_c / ∂(p, φ))ᵀ ḡ, one micro-batch graph alive at a time."""
+def _replay_hvp(problem: InnerProblem, params, t, g_bar, targets_w, kept=None):
+    """Σ_c of (∂∇_p L_c / ∂(p, φ))ᵀ ḡ, one micro-batch graph alive at a time (``kept``: a one-item
+    list holding the last micro-batch's graph from the forward, used -- and released -- instead of
+    replaying it)."""
     hvp_p = [torch.zeros_like(p) for p in params]
     hvp_w = [torch.zeros_like(w) for w in targets_w]
-    for mb in problem.micro_batches:
+    last = len(problem.micro_batches) - 1
+    order = list(range(len(problem.micro_batches)))
+    if kept is not None:  # the kept graph first, so that it is freed before any replay builds one
+        order = [last] + order[:-1]
+    for k in order:
+        mb = problem.micro_batches[k]
         with torch.enable_grad():
-            leaves = [p.detach().requires_grad_(True) for p in params]
-            loss = problem.loss(leaves, mb, t, True)
-            g = torch.autograd.grad(loss, leaves, create_graph=True)
+            if kept is not None and k == last:
+                leaves, g = kept.pop()
+                loss = None
+            else:
+                leaves = [p.detach().requires_grad_(True) for p in params]
+                loss = problem.loss(leaves, mb, t, True)
+                g = torch.autograd.grad(loss, leaves, create_graph=True)
             out = torch.autograd.grad(g, leaves + list(targets_w), g_bar, allow_unused=True)
         for i, v in enumerate(out[: len(leaves)]):
             if v is not None:

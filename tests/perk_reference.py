@@ -297,6 +297,38 @@ class ReferencePerk:
             ce = _token_ce(hidden, self.head, q_labels, self.loss_dtype)
             return ce.sum() / (q_labels[:, 1:] != IGNORE).sum().clamp_min(1)
 
+    def encode_context(self, segments) -> list[torch.Tensor]:
+        """Test-time encoding of one context as the reference does it: ``higher`` with
+        ``track_higher_grads=False`` over the copied base, T steps; returns [A_0, B_0, ...]."""
+        cfg = self.config
+        tok = self.pm.tokenizer
+        device = self.head.device
+        ids = pad_rows([s for s, _ in segments.segments], pad_id(tok)).to(device)
+        labels = pad_rows([l for _, l in segments.segments], IGNORE).to(device)
+        leaves = self.clone_meta_parameters()
+        weighting = None
+        if self.pm.weighting is not None:
+            weighting = {k[len("weighting."):]: v for k, v in leaves.items() if k.startswith("weighting.")}
+        lrs = leaves["inner_lrs"].detach()
+        n_tensors = 2 * len(self.projections)
+        opt = self._optimizer()
+        with higher.innerloop_ctx(self.body, opt, copy_initial_weights=False, track_higher_grads=False) as (
+                fbody, diffopt):
+            for t in range(cfg.inner_steps):
+                hidden = fbody(input_ids=ids, use_cache=False).last_hidden_state
+                ce = _token_ce(hidden, self.head, labels, self.loss_dtype)
+                w = _weights(hidden, weighting)
+                if w is not None:
+                    ce = ce * w[:, 1:].to(ce.dtype)
+                diffopt.step(ce.sum() / segments.n_positions, override={"lr": [lrs[i, t] for i in range(n_tensors)]})
+            names = {id(p): n for n, p in self.body.named_parameters()}
+            fast = dict(zip([n for n, _ in self.body.named_parameters()], fbody.parameters()))
+        out = []
+        for proj in self.projections:
+            out.append(fast[names[id(proj.lora_a)]].detach())
+            out.append(fast[names[id(proj.lora_b)]].detach())
+        return out
+
     # ------------------------------------------------------------------ the batch
     def meta_loss(
         self,
