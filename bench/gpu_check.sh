@@ -87,22 +87,24 @@ if ! python -c "import perk_fast.kernels.lora" 2>/dev/null && [ -d "$OUT/.shim" 
 fi
 
 # 1. the kernels' CUDA tests, one config per kernel (autotuning would multiply compile time)
-step "lora kernel CUDA tests" 170 env PERK_FAST_AUTOTUNE=0 \
+step "lora kernel CUDA tests" 120 env PERK_FAST_AUTOTUNE=0 \
     python -m pytest -q -rs -p no:cacheprovider -m requires_cuda tests/test_lora_kernels.py
-# 2. the LoRA kernel benchmark (autotuned; stops starting new cases after --time-budget)
-step "bench lora_kernels" 140 python bench/lora_kernels.py --out "$OUT" --time-budget 90
-# 3. the whole suite on the CUDA machine (`make test` must pass there too: tests that force the Triton
+# 2. the whole suite on the CUDA machine (`make test` must pass there too: tests that force the Triton
 #    backend run on CUDA tensors there, and the requires_cuda tests run)
-step "whole test suite on CUDA" 200 env PERK_FAST_AUTOTUNE=0 \
-    python -m pytest -q -rs -p no:cacheprovider tests --ignore=tests/test_lora_kernels.py
-# 4. the other benchmarks, when they exist
-if [ -f bench/linear_ce.py ]; then
-    step "bench linear_ce" 50 python bench/linear_ce.py --out "$OUT"
-fi
-if [ -f bench/inner_loop.py ]; then
-    step "bench inner_loop" 80 python bench/inner_loop.py --preset gpt2 --device cuda --out "$OUT"
-fi
-# 5. with time to spare: the whole LoRA test grid on the GPU (fp32/fp64 against the twin)
+step "whole test suite on CUDA" 150 env PERK_FAST_AUTOTUNE=0 \
+    python -m pytest -q -rs -p no:cacheprovider -x tests --ignore=tests/test_lora_kernels.py
+# 3. inference cost against in-context answering, Qwen2.5-0.5B shape, 8K and 32K tokens
+step "bench inference" 70 python bench/inference.py --device cuda --preset qwen2.5-0.5b --dtype bfloat16 \
+    --lengths 8192,32768 --questions 1,16 --out "$OUT"
+# 4. batched meta-training / encoding throughput against the reference approach
+step "bench throughput" 60 python bench/throughput.py --device cuda --preset qwen2.5-0.5b --dtype bfloat16 \
+    --segments 8 --segment-len 256 --train-batches 1,4,16 --encode-batches 1,8,32 --out "$OUT"
+# 5. the main benchmark on the GPU
+step "bench inner_loop" 60 python bench/inner_loop.py --preset gpt2 --device cuda --out "$OUT"
+# 6. kernel benchmarks (autotuned; stops starting new cases after --time-budget)
+step "bench lora_kernels" 60 python bench/lora_kernels.py --out "$OUT" --time-budget 40
+step "bench linear_ce" 30 python bench/linear_ce.py --out "$OUT"
+# 7. with time to spare: the whole LoRA test grid on the GPU (fp32/fp64 against the twin)
 step "lora kernel full grid on CUDA" 300 env PERK_FAST_AUTOTUNE=0 \
     python -m pytest -q -x -p no:cacheprovider tests/test_lora_kernels.py
 

@@ -117,6 +117,22 @@ class WordTokenizer:
         self.pad_token_id = vocab_size - 2
         self._words = vocab_size - 258
 
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        """Inverse of :meth:`encode` for word and byte ids (eos / pad dropped or shown as tags)."""
+        out, pending = [], bytearray()
+        for i in (int(x) for x in ids):
+            if i < 256:
+                pending.append(i)
+                continue
+            out.append(pending.decode("utf-8", errors="replace"))
+            pending = bytearray()
+            if i >= self.vocab_size - 2:
+                out.append("" if skip_special_tokens else ("<eos>" if i == self.eos_token_id else "<pad>"))
+            else:
+                out.append(f" w{i - 256}")
+        out.append(pending.decode("utf-8", errors="replace"))
+        return "".join(out)
+
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         ids = []
         for m in self._TOKEN.finditer(text):

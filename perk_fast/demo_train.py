@@ -76,6 +76,7 @@ from .model import PerkModel
 from .schedule import warmup_cosine
 from .tasks import generate
 from .tokenizer import ByteTokenizer
+from .io import load_tensors
 from .train import meta_train
 
 _print = functools.partial(print, flush=True)
@@ -97,11 +98,17 @@ SEEDS = {"lm": "demo-lm", "train": "demo-train", "dev": "demo-dev", "eval": "dem
 class DemoRecipe:
     """Everything that defines the demo model (stored in ``train_report.json``)."""
 
-    # data
+    # data: one task (``task`` with ``distractors`` needles cycled) or, with ``mix``, a cycle of task specs
+    # ("needle:3" = a needle among 3 other people's codes; "qa1", "qa2", "records_recall"), each over the
+    # document sizes of ``doc_mix`` (shorter and longer than a segment)
     task: str = "needle"
     train_len: int = 256
     doc_tokens: int = 120
     distractors: tuple[int, ...] = (0,)
+    mix: tuple[str, ...] | None = None
+    doc_mix: tuple[int, ...] | None = None
+    eval_tasks: tuple[str, ...] | None = None
+    eval_doc_tokens: int | None = None
     eval_lengths: tuple[int, ...] = (256, 1024)
     eval_positions: tuple[str, ...] = ("pre", "mid", "post")
     # base model (transformers LlamaConfig fields)
@@ -137,11 +144,12 @@ class DemoRecipe:
     eval_seed: str = SEEDS["eval"]
     seed: int = 0
     threads: int = 2
+    ranks: int = 1  # processes of the PERK stage (torch.distributed, gloo); 1 thread each when > 1
 
     def __post_init__(self) -> None:
         positive = ("train_len", "doc_tokens", "hidden_size", "num_hidden_layers", "num_attention_heads",
                     "intermediate_size", "max_position_embeddings", "lm_contexts", "lm_steps", "lm_batch",
-                    "meta_steps", "meta_batch", "dev_n", "dev_every", "threads")
+                    "meta_steps", "meta_batch", "dev_n", "dev_every", "threads", "ranks")
         for name in positive + ("icr_long_steps", "eval_n", "seed"):
             value = getattr(self, name)
             low = 1 if name in positive else 0
@@ -156,6 +164,22 @@ class DemoRecipe:
         if not self.distractors or any(not isinstance(d, int) or d < 0 for d in self.distractors):
             raise ValueError(f"DemoRecipe.distractors={self.distractors!r} is invalid: allowed a non-empty tuple "
                              "of integers >= 0")
+        for name in ("mix", "eval_tasks"):
+            specs = getattr(self, name)
+            if specs is not None:
+                if not specs:
+                    raise ValueError(f"DemoRecipe.{name}=() is invalid: allowed None or task specs")
+                for spec in specs:
+                    task_spec(spec, where=f"DemoRecipe.{name}")
+        if self.doc_mix is not None and (not self.doc_mix or any(not isinstance(d, int) or d < 8
+                                                                  for d in self.doc_mix)):
+            raise ValueError(f"DemoRecipe.doc_mix={self.doc_mix!r} is invalid: allowed None or integers >= 8")
+
+    def tasks_for_eval(self) -> tuple[str, ...]:
+        """The evaluation table's task specs (the single task when there is no mix)."""
+        if self.eval_tasks:
+            return self.eval_tasks
+        return (f"{self.task}:{self.distractors[0]}",) if self.task == "needle" else (self.task,)
 
     def perk_config(self) -> PerkConfig:
         return PerkConfig(**self.perk)
@@ -203,11 +227,60 @@ def load_base(path: str) -> torch.nn.Module:
 
 
 # ----------------------------------------------------------------------------- data
+BABI_KW = {"n_people": 2, "n_distractors": 2, "with_support": False}
+
+
+def task_spec(spec: str, where: str = "task spec") -> tuple[str, dict]:
+    """``"needle:3"`` -> ("needle", {"n_distractors": 3}); ``"qa1"`` -> ("qa1", the demo's story size); ..."""
+    from .tasks import TASKS
+
+    task, _, arg = spec.partition(":")
+    if task not in TASKS:
+        raise ValueError(f"{where}: task {task!r} in {spec!r} is invalid: allowed one of {TASKS}")
+    if task == "needle":
+        if arg and not arg.isdigit():
+            raise ValueError(f"{where}: {spec!r} is invalid: allowed needle:<number of other needles>")
+        return task, {"n_distractors": int(arg or 0)}
+    if arg:
+        raise ValueError(f"{where}: {spec!r} takes no argument")
+    return task, dict(BABI_KW) if task in ("qa1", "qa2", "qa3") else {}
+
+
+def spec_label(spec: str) -> str:
+    """Table name of a spec: ``needle:3`` -> ``needle (4 codes)``."""
+    task, kw = task_spec(spec)
+    if task == "needle":
+        k = kw["n_distractors"] + 1
+        return f"needle ({k} code{'s' if k > 1 else ''})"
+    return task
+
+
+def _mixed_examples(recipe: DemoRecipe, n: int, seed: str, length: int, **kw) -> list:
+    """Example i: spec ``mix[i % m]`` with documents of ``doc_mix[(i // m) % d]`` tokens; each (spec,
+    size) pair has its own seed stream, so the examples do not depend on ``n``."""
+    mix, docs = recipe.mix, recipe.doc_mix or (recipe.doc_tokens,)
+    buckets = {}
+    order = []
+    for i in range(n):
+        key = (mix[i % len(mix)], docs[(i // len(mix)) % len(docs)])
+        order.append((key, buckets.get(key, 0)))
+        buckets[key] = buckets.get(key, 0) + 1
+    made = {}
+    for (spec, doc), count in buckets.items():
+        task, task_kw = task_spec(spec)
+        made[(spec, doc)] = generate(task, count, seed=f"{seed}/{spec}/{doc}", context_tokens=length, doc_tokens=doc,
+                                     **{**task_kw, **kw})
+    return [made[key][j] for key, j in order]
+
+
 def task_examples(recipe: DemoRecipe, n: int, seed: str, context_tokens: int | None = None, **kw) -> list:
-    """``n`` examples at ``context_tokens`` (default ``train_len``), cycling through ``recipe.distractors``:
+    """``n`` examples at ``context_tokens`` (default ``train_len``). With ``recipe.mix``: cycling through
+    its task specs and ``doc_mix`` document sizes. Otherwise cycling through ``recipe.distractors``:
     example i has ``distractors[i % k]`` further needles (other people, other codes), so the memory must
     bind each code to its person. Each count has its own seed stream (``<seed>/d<count>``)."""
     length = recipe.train_len if context_tokens is None else context_tokens
+    if recipe.mix:
+        return _mixed_examples(recipe, n, seed, length, **kw)
     k = len(recipe.distractors)
     parts = [generate(recipe.task, (n - j + k - 1) // k, seed=f"{seed}/d{d}", context_tokens=length,
                       doc_tokens=recipe.doc_tokens, n_distractors=d, **kw)
@@ -253,13 +326,19 @@ def pretrain_lm(model, tokenizer, recipe: DemoRecipe, log=_print) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- stage 2
-def meta_train_joint(perk_model: PerkModel, dataset: list, recipe: DemoRecipe, *, dev=None, log=_print) -> list[dict]:
+def meta_train_joint(perk_model: PerkModel, dataset: list, recipe: DemoRecipe, *, dev=None, log=_print,
+                     checkpoint_dir: str | None = None, resume: bool = False) -> list[dict]:
     """PERK's outer loop (:func:`perk_fast.meta_train`) over the meta-parameters and, when
     ``base_lr > 0``, the base weights, in three AdamW groups: LoRA initialisation and weighting model
     at ``meta_lr``, learned learning rates at ``lr_lr`` without decay, base weights at ``base_lr``.
     The dataset is visited in order (one example per context, ``meta_batch`` per step); dev exact
     match every ``dev_every`` steps and at the end.
     """
+    from . import distributed
+
+    if recipe.ranks > 1 and not distributed.context().active:
+        return _meta_train_spawned(perk_model, dataset, recipe, dev=dev, log=log, checkpoint_dir=checkpoint_dir,
+                                   resume=resume)
     cfg = perk_model.config
     meta = ["lora"] + (["weighting"] if perk_model.weighting is not None else [])
     groups = [{"params": meta, "lr": recipe.meta_lr, "weight_decay": cfg.outer_weight_decay}]
@@ -288,30 +367,118 @@ def meta_train_joint(perk_model: PerkModel, dataset: list, recipe: DemoRecipe, *
 
     history = meta_train(perk_model, dataset, steps=recipe.meta_steps, batch_size=recipe.meta_batch,
                          param_groups=groups, shuffle=False, eval_fn=dev_eval, eval_every=recipe.dev_every,
-                         on_step=report, progress=False)
+                         on_step=report, progress=False, checkpoint_dir=checkpoint_dir,
+                         checkpoint_every=100 if checkpoint_dir else None, resume=resume)
     for record in history:
         record.update(record.pop("eval", None) or {})
     return history
 
 
+def _meta_train_spawned(perk_model: PerkModel, dataset: list, recipe: DemoRecipe, *, dev=None, log=_print,
+                        checkpoint_dir: str | None = None, resume: bool = False) -> list:
+    """The PERK stage on ``recipe.ranks`` gloo processes (1 thread each), started here: every rank
+    loads the stage-1 base and meta-parameters from a temporary directory, meta-trains its slice of
+    each batch (``perk_fast.meta_train``), and rank 0 writes the result back."""
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        perk_model.hf_model.save_pretrained(os.path.join(tmp, "base"))
+        perk_model.save(os.path.join(tmp, "perk"))
+        torch.save({"dataset": dataset, "dev": dev, "checkpoint_dir": checkpoint_dir, "resume": resume},
+                   os.path.join(tmp, "data.pt"))
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        log(f"  meta-training on {recipe.ranks} processes (torch.distributed, gloo, 1 thread each)")
+        mp.spawn(_rank_worker, args=(recipe.ranks, port, tmp, recipe.to_dict()), nprocs=recipe.ranks, join=True)
+        from transformers import AutoModelForCausalLM
+
+        trained = AutoModelForCausalLM.from_pretrained(os.path.join(tmp, "result", "base"), dtype=torch.float32)
+        with torch.no_grad():
+            perk_model.hf_model.load_state_dict(trained.state_dict())
+            perk_model.load_meta_state(load_tensors(os.path.join(tmp, "result"), "meta_parameters.safetensors"))
+        with open(os.path.join(tmp, "result", "history.json")) as fh:
+            return json.load(fh)
+
+
+def _rank_worker(rank: int, world: int, port: int, tmp: str, recipe_dict: dict) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from transformers.utils import logging as hf_logging
+
+    from . import distributed
+
+    distributed.setup()  # the process group first: meta_train_joint then trains here, it does not spawn again
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    recipe = recipe_from_dict(recipe_dict)
+    base = load_base(os.path.join(tmp, "base"))
+    perk_model = PerkModel.load(os.path.join(tmp, "perk"), base, ByteTokenizer())
+    data = torch.load(os.path.join(tmp, "data.pt"), weights_only=False)
+    history = meta_train_joint(perk_model, data["dataset"], recipe, dev=data["dev"],
+                               log=_print if rank == 0 else (lambda *a, **k: None),
+                               checkpoint_dir=data["checkpoint_dir"], resume=data["resume"])
+    if rank == 0:
+        out = os.path.join(tmp, "result")
+        perk_model.hf_model.save_pretrained(os.path.join(out, "base"))
+        perk_model.save(out)
+        with open(os.path.join(out, "history.json"), "w") as fh:
+            json.dump(history, fh)
+
+
+def recipe_from_dict(fields: dict) -> DemoRecipe:
+    """A DemoRecipe from its ``to_dict()`` (lists become tuples again)."""
+    fields = dict(fields)
+    for key in ("distractors", "eval_lengths", "eval_positions", "mix", "doc_mix", "eval_tasks"):
+        if fields.get(key) is not None:
+            fields[key] = tuple(fields[key])
+    return DemoRecipe(**fields)
+
+
 # ----------------------------------------------------------------------------- evaluation
 def eval_systems(perk_model, ttt_model, icr_model, tokenizer, recipe: DemoRecipe, *, n: int, seed: str,
-                 icr_long_model=None, out_dir: str | None = None, verbose: bool = True) -> dict:
-    """The demo's table: PERK, plain TTT, FT-ICR (and FT-ICR 10x) over ``eval_lengths`` x ``eval_positions``."""
+                 icr_long_model=None, out_dir: str | None = None, verbose: bool = True,
+                 lengths: tuple[int, ...] | None = None) -> dict:
+    """The demo's tables: PERK, plain TTT, FT-ICR (and the long FT-ICR) over ``eval_lengths`` x
+    ``eval_positions``, one table per evaluation task. Returns ``{"results": {task label: {system:
+    {length: {position: summary}}}}, "table": text, ...}`` (one task: the sweep's own report)."""
     systems = {
         "PERK": perk_model,
         "TTT (no meta)": ttt_model,
         "FT-ICR": functools.partial(evaluate_in_context, icr_model, tokenizer, max_new_tokens=8, progress=False),
     }
     if icr_long_model is not None:
-        systems[icr_long_name(recipe)] = functools.partial(evaluate_in_context, icr_long_model, tokenizer, max_new_tokens=8,
-                                              progress=False)
-    return sweep(systems, task=recipe.task, lengths=recipe.eval_lengths, positions=recipe.eval_positions, n=n,
-                 seed=seed, max_new_tokens=8, out_dir=out_dir, verbose=verbose, doc_tokens=recipe.doc_tokens)
+        systems[icr_long_name(recipe)] = functools.partial(evaluate_in_context, icr_long_model, tokenizer,
+                                                           max_new_tokens=8, progress=False)
+    lengths = recipe.eval_lengths if lengths is None else lengths
+    if not recipe.mix and not recipe.eval_tasks:
+        return sweep(systems, task=recipe.task, lengths=lengths, positions=recipe.eval_positions, n=n,
+                     seed=seed, max_new_tokens=8, out_dir=out_dir, verbose=verbose, doc_tokens=recipe.doc_tokens)
+    reports, tables = {}, []
+    doc = recipe.eval_doc_tokens or recipe.doc_tokens
+    for spec in recipe.tasks_for_eval():
+        task, kw = task_spec(spec)
+        label = spec_label(spec)
+        sub = None if out_dir is None else os.path.join(out_dir, spec.replace(":", "-"))
+        rep = sweep(systems, task=task, lengths=lengths, positions=recipe.eval_positions, n=n, seed=f"{seed}/{spec}",
+                    max_new_tokens=8, out_dir=sub, verbose=False, doc_tokens=doc, **kw)
+        reports[label] = rep["results"]
+        tables.append(f"{label} (documents of {doc} tokens, segments of {perk_model.config.segment_len})\n"
+                      + rep["table"])
+    table = "\n\n".join(tables)
+    if verbose:
+        print(table)
+    return {"task": "mix", "seed": seed, "n": n, "lengths": list(lengths), "positions": list(recipe.eval_positions),
+            "metric": "exact_match", "results": reports, "table": table}
 
 
 # ----------------------------------------------------------------------------- main
-def train(recipe: DemoRecipe, out_dir: str, log=_print, eval_dir: str | None = None) -> dict:
+def train(recipe: DemoRecipe, out_dir: str, log=_print, eval_dir: str | None = None,
+          checkpoint_dir: str | None = None, resume: bool = False) -> dict:
     """Run the three stages, evaluate on held-out seeds, write the models and report to ``out_dir``
     and the held-out predictions, ``sweep.json`` and ``sweep.png`` to ``eval_dir`` (default
     ``out_dir/eval``)."""
@@ -342,7 +509,8 @@ def train(recipe: DemoRecipe, out_dir: str, log=_print, eval_dir: str | None = N
     t = time.perf_counter()
     perk_base = copy.deepcopy(base)
     perk_model = PerkModel(perk_base, tokenizer, recipe.perk_config())
-    meta_history = meta_train_joint(perk_model, dataset, recipe, dev=dev, log=log)
+    meta_history = meta_train_joint(perk_model, dataset, recipe, dev=dev, log=log, checkpoint_dir=checkpoint_dir,
+                                    resume=resume)
     for p in perk_base.parameters():
         p.requires_grad_(False)
     round_to_fp16(perk_base)
@@ -417,14 +585,20 @@ def train(recipe: DemoRecipe, out_dir: str, log=_print, eval_dir: str | None = N
 
 
 def _parse(argv=None) -> tuple[DemoRecipe, str]:
-    recipe = DemoRecipe()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--recipe", default="multi", choices=sorted(RECIPES))
+    chosen, _ = pre.parse_known_args(argv)
+    recipe = RECIPES[chosen.recipe]
     ap = argparse.ArgumentParser(prog="python -m perk_fast.demo_train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--recipe", default="multi", choices=sorted(RECIPES),
+                    help="multi: the shipped multi-task recipe (default); needle: the first release's single needle")
     ap.add_argument("--out", default=ASSETS_DIR, help="output directory (default: the shipped assets)")
     ap.add_argument("--eval-out", default=None,
                     help="where the held-out predictions go (default: bench/results/demo_eval for the shipped "
                          "assets, OUT/eval otherwise)")
-    for name in ("lm_contexts", "lm_batch", "lm_steps", "meta_steps", "icr_long_steps", "meta_batch", "eval_n", "dev_n", "dev_every", "threads",
-                 "hidden_size", "num_hidden_layers", "intermediate_size", "train_len", "doc_tokens"):
+    for name in ("lm_contexts", "lm_batch", "lm_steps", "meta_steps", "icr_long_steps", "meta_batch", "eval_n",
+                 "dev_n", "dev_every", "threads", "ranks", "hidden_size", "num_hidden_layers", "intermediate_size",
+                 "train_len", "doc_tokens"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(recipe, name))
     for name in ("meta_lr", "base_lr", "lr_lr", "icr_lr", "lm_lr"):
         ap.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(recipe, name))
@@ -432,14 +606,38 @@ def _parse(argv=None) -> tuple[DemoRecipe, str]:
                     help="distractor-needle counts cycled through the training examples, e.g. 0,1,2,3")
     ap.add_argument("--eval-seed", default=recipe.eval_seed, help="seed of the held-out evaluation data")
     ap.add_argument("--perk", default="{}", help="JSON dict of PerkConfig fields overriding the recipe's")
+    ap.add_argument("--checkpoint-dir", default=None,
+                    help="PERK-stage checkpoints every 100 steps (checkpoint-dir/last); with --resume, continue there")
+    ap.add_argument("--resume", action="store_true", help="resume the PERK stage from --checkpoint-dir (stage 1 is "
+                    "re-run: it is seeded and reproduces the same base)")
     args = ap.parse_args(argv)
-    changes = {k: v for k, v in vars(args).items() if k not in ("out", "perk", "eval_out")}
+    changes = {k: v for k, v in vars(args).items()
+               if k not in ("out", "perk", "eval_out", "recipe", "checkpoint_dir", "resume")}
     changes["distractors"] = tuple(int(x) for x in args.distractors.split(","))
     perk = dict(recipe.perk, **json.loads(args.perk))
     eval_out = args.eval_out
     if eval_out is None and os.path.abspath(args.out) == os.path.abspath(ASSETS_DIR):
         eval_out = SHIPPED_EVAL_DIR
     return dataclasses.replace(recipe, perk=perk, **changes), args.out, eval_out
+
+
+MULTI_PERK = dict(
+    inner_steps=4, inner_lr=1e-3, inner_optimizer="adamw", unroll="full", meta_grad="checkpointed",
+    segment_len=128, segments_per_step=16, lora_rank=16, lora_alpha=32.0, lm_head_loss="full",
+    outer_weight_decay=0.01, warmup_proportion=0.03, max_grad_norm=1.0, seed=0,
+)
+# the shipped recipe: needles among 0-7 other people's codes, BabiLong-like qa1 / qa2, student-records
+# recall; documents of 64 / 128 / 256 bytes (segments of 128: some split over two); a 2-layer d=96 model
+RECIPES = {
+    "needle": DemoRecipe(),
+    "multi": DemoRecipe(
+        mix=("needle:0", "needle:1", "needle:3", "needle:5", "needle:7", "qa1", "qa2", "records_recall"),
+        doc_mix=(64, 128, 256), eval_tasks=("needle:0", "needle:3", "qa1", "qa2", "records_recall"),
+        eval_doc_tokens=192, train_len=512, eval_lengths=(512, 2048), hidden_size=96, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=288, lm_contexts=2000, lm_steps=600, perk=MULTI_PERK,
+        meta_steps=1000, meta_batch=8, icr_long_steps=3000, dev_n=40, dev_every=250, eval_n=50, ranks=2,
+    ),
+}
 
 
 def main(argv=None) -> dict:

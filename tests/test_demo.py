@@ -114,15 +114,32 @@ def test_training_pipeline_end_to_end_at_toy_size(tmp_path):
     from perk_fast.demo_train import main as train_main
 
     out = str(tmp_path / "toy")
-    args = ["--out", out, "--lm-contexts", "16", "--lm-batch", "4", "--lm-steps", "2", "--meta-steps", "2", "--meta-batch", "2", "--icr-long-steps", "4",
+    args = ["--recipe", "needle", "--out", out, "--lm-contexts", "16", "--lm-batch", "4", "--lm-steps", "2", "--meta-steps", "2", "--meta-batch", "2", "--icr-long-steps", "4",
             "--dev-n", "2", "--dev-every", "1", "--eval-n", "1", "--threads", str(torch.get_num_threads())]
     report = train_main(args)
     assert report["eval"]["n"] == 1 and set(report["eval"]["results"]) == {"PERK", "TTT (no meta)", "FT-ICR",
                                                                            "FT-ICR 2x"}
     result = demo.main(1, assets_dir=out, threads=torch.get_num_threads())
     assert set(result["results"]) == {"PERK", "TTT (no meta)", "FT-ICR", "FT-ICR 2x"}
-    args0 = ["--out", str(tmp_path / "toy0"), "--lm-contexts", "16", "--lm-batch", "4", "--lm-steps", "2", "--meta-steps", "2", "--meta-batch", "2",
+    args0 = ["--recipe", "needle", "--out", str(tmp_path / "toy0"), "--lm-contexts", "16", "--lm-batch", "4", "--lm-steps", "2", "--meta-steps", "2", "--meta-batch", "2",
              "--icr-long-steps", "0", "--dev-n", "2", "--dev-every", "1", "--eval-n", "0"]
     report0 = train_main(args0)
     assert report0["eval"] is None and os.path.exists(tmp_path / "toy0" / "train_report.json")
     assert demo.load_demo(str(tmp_path / "toy0")).icr_long is None
+
+
+def test_multi_task_recipe_end_to_end_at_toy_size(tmp_path):
+    """The shipped multi-task recipe at toy size: mixed tasks and document sizes, the PERK stage on 2
+    spawned gloo processes (with a checkpoint to resume from), one table per evaluation task."""
+    from perk_fast.demo_train import RECIPES, main as train_main, task_examples
+
+    recipe = RECIPES["multi"]
+    examples = task_examples(recipe, 16, "toy")
+    assert {e.meta["task"] for e in examples} == {"needle", "qa1", "qa2", "records_recall"}
+    out = str(tmp_path / "multi")
+    report = train_main(["--out", out, "--lm-contexts", "16", "--lm-batch", "4", "--lm-steps", "2", "--meta-steps", "2",
+                         "--meta-batch", "2", "--icr-long-steps", "2", "--dev-n", "2", "--dev-every", "1",
+                         "--eval-n", "1", "--checkpoint-dir", str(tmp_path / "ckpt")])
+    assert set(report["eval"]["results"]) == {"needle (1 code)", "needle (4 codes)", "qa1", "qa2", "records_recall"}
+    assert os.path.exists(tmp_path / "ckpt" / "last" / "trainer_state.json")
+    assert report["recipe"]["ranks"] == 2
