@@ -16,8 +16,8 @@ peak memory to answer them:
 Same base model (random weights at the preset's shape: speed and memory do not depend on the
 values), same synthetic context, in one run. Times are medians of ``--repeats`` runs (CUDA:
 events). Prints a table, writes JSON and a PNG under bench/results/, and ends with the crossover:
-the context length from which PERK answers k questions faster than in-context reading (linear
-interpolation of the measured log-log curves), or that the curves do not cross in the measured range.
+the context length from which PERK answers k questions faster than in-context reading and stays
+faster (log-log interpolation across the last crossing), or that it is still slower at the longest.
 """
 from __future__ import annotations
 
@@ -26,7 +26,6 @@ import json
 import math
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -34,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from inner_loop import WordTokenizer, environment  # noqa: E402
+from inner_loop import WordTokenizer, environment, time_call  # noqa: E402
 
 from perk_fast import PerkConfig, PerkModel, encode  # noqa: E402
 from perk_fast.profiling import peak_memory  # noqa: E402
@@ -80,19 +79,6 @@ def questions(tok: WordTokenizer, k: int) -> list[str]:
             for _ in range(k)]
 
 
-def _time(fn, device: str) -> float:
-    if device == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 @torch.no_grad()
 def in_context_answers(model, tok, docs: list[str], qs: list[str], new_tokens: int) -> None:
     """Prefill the context once, then answer each question from a cropped copy-free cache."""
@@ -126,15 +112,18 @@ def perk_answers(pm: PerkModel, docs: list[str], qs: list[str], new_tokens: int)
 
 
 def crossover(lengths, perk, icl):
-    """First L where PERK is faster, log-log interpolated between the measured points (None: no crossing)."""
+    """The length from which PERK stays faster: log-log interpolation across the last change from
+    slower to faster (None: PERK is still slower at the longest context; lengths[0]: faster everywhere)."""
     diff = [math.log(p) - math.log(i) for p, i in zip(perk, icl)]
-    if diff[0] <= 0:
+    if diff[-1] > 0:
+        return None
+    slower = [j for j, d in enumerate(diff) if d > 0]
+    if not slower:
         return lengths[0]
-    for (l0, d0), (l1, d1) in zip(zip(lengths, diff), zip(lengths[1:], diff[1:])):
-        if d1 <= 0 < d0:
-            f = d0 / (d0 - d1)
-            return math.exp(math.log(l0) + f * (math.log(l1) - math.log(l0)))
-    return None
+    j = slower[-1]
+    d0, d1 = diff[j], diff[j + 1]
+    f = d0 / (d0 - d1)
+    return math.exp(math.log(lengths[j]) + f * (math.log(lengths[j + 1]) - math.log(lengths[j])))
 
 
 def main(argv=None) -> None:
@@ -149,7 +138,7 @@ def main(argv=None) -> None:
     ap.add_argument("--segments-per-step", type=int, default=16)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -173,7 +162,7 @@ def main(argv=None) -> None:
             row = {"length": length, "questions": k}
             for system, fn in (("perk", lambda: perk_answers(pm, docs, qs, args.new_tokens)),
                                ("in_context", lambda: in_context_answers(model, tok, docs, qs, args.new_tokens))):
-                times = [_time(fn, args.device) for _ in range(args.repeats)]
+                times = [time_call(fn, args.device) for _ in range(args.repeats)]
                 row[f"{system}_s"] = statistics.median(times)
                 if not args.no_memory:
                     row[f"{system}_peak_bytes"] = peak_memory(fn, args.device)[1]

@@ -25,7 +25,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -34,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from inner_loop import B_SCALE, WordTokenizer, build_model, environment, make_data  # noqa: E402
+from inner_loop import B_SCALE, WordTokenizer, build_model, environment, make_data, time_call  # noqa: E402
 
 from perk_fast import PerkConfig, PerkModel, encode  # noqa: E402
 from perk_fast.profiling import peak_memory  # noqa: E402
@@ -43,22 +42,9 @@ from perk_reference import ReferencePerk  # noqa: E402
 MiB = 2**20
 
 
-def _timed(fn, device: str) -> float:
-    if device == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 def _median(fn, repeats: int, device: str) -> float:
     fn()  # warm-up (and, on CUDA, compilation / autotuning)
-    return statistics.median(_timed(fn, device) for _ in range(repeats))
+    return statistics.median(time_call(fn, device) for _ in range(repeats))
 
 
 def main(argv=None) -> None:
