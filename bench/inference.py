@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from inner_loop import WordTokenizer, environment, time_call  # noqa: E402
+from inner_loop import WordTokenizer, environment, save_figure, time_call  # noqa: E402
 
 from perk_fast import PerkConfig, PerkModel, encode  # noqa: E402
 from perk_fast.profiling import peak_memory  # noqa: E402
@@ -223,10 +223,7 @@ def _plot(rows, ks, path: Path, title: str) -> None:
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, title, path)
 
 
 if __name__ == "__main__":

@@ -163,6 +163,16 @@ def make_data(tokenizer: WordTokenizer, n_contexts: int, segments: int, segment_
 
 
 # ---------------------------------------------------------------------------------------- measuring
+def save_figure(fig, title: str, path: str, dpi: int = 110) -> None:
+    """Title, lay out, write and close a benchmark figure."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def time_call(fn, device: str) -> float:
     """Seconds one call of ``fn`` takes: CUDA events on CUDA, the wall clock elsewhere."""
     if device == "cuda":
@@ -455,10 +465,7 @@ def plot_sweep(points: list[dict], axis: str, path: Path, title: str) -> None:
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, title, path, dpi=120)
 
 
 # ---------------------------------------------------------------------------------------- main

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from inner_loop import B_SCALE, WordTokenizer, build_model, environment, make_data, time_call  # noqa: E402
+from inner_loop import B_SCALE, WordTokenizer, build_model, environment, make_data, save_figure, time_call  # noqa: E402
 
 from perk_fast import PerkConfig, PerkModel, encode  # noqa: E402
 from perk_fast.profiling import peak_memory  # noqa: E402
@@ -170,10 +170,7 @@ def _plot(rows, path: Path, title: str) -> None:
         ax.set_title(label)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, title, path)
 
 
 if __name__ == "__main__":

@@ -3,30 +3,34 @@
 1. Loads the demo (``perk_fast/assets/demo``, trained by ``python -m perk_fast.demo_train``): a small
    byte-level Llama-shaped LM meta-trained with PERK, its stage-1 base (for plain test-time training)
    and the FT-ICR baseline.
-2. Prints exact match on held-out needle-in-a-haystack contexts (seeds never used in training) for
+2. Prints exact match on held-out contexts (seeds never used in training), one table per task
+   (needles among other people's codes, BabiLong-like qa1 / qa2, student-records recall), for
    (a) PERK, (b) plain test-time training of an untrained adapter on the same base (no
    meta-learning), (c) the fine-tuned in-context baseline (context in the prompt) with PERK's
    training budget and with 10x its examples, at the training length and at 4x it, with the
    needle in the first / middle / last third of the context.
-3. Encodes one context once, saves the Memory, loads it back and answers several questions from it.
+3. Encodes one context once, saves the Memory, loads it back and answers questions about different
+   people from it.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass
 
 import torch
 
-from .demo_train import ASSETS_DIR, SEEDS, DemoRecipe, eval_systems, icr_long_name, load_base
+from .demo_train import ASSETS_DIR, SEEDS, DemoRecipe, eval_systems, icr_long_name, load_base, recipe_from_dict,
+                         spec_label
 from .encode import encode
 from .evaluate import cut_answer
 from .memory import Memory
 from .model import PerkModel
-from .tasks import generate
+from .tasks import NEEDLE, NEEDLE_QUESTION, generate
 from .tokenizer import ByteTokenizer
 
 _REQUIRED = ("train_report.json", "tokenizer", "base", "icr", os.path.join("perk", "perk_model.json"),
@@ -55,10 +59,7 @@ def load_demo(assets_dir: str = ASSETS_DIR) -> Demo:
         )
     with open(os.path.join(assets_dir, "train_report.json"), encoding="utf-8") as fh:
         report = json.load(fh)
-    fields = dict(report["recipe"])
-    for key in ("eval_lengths", "eval_positions"):
-        fields[key] = tuple(fields[key])
-    recipe = DemoRecipe(**fields)
+    recipe = recipe_from_dict(report["recipe"])
     tokenizer = ByteTokenizer.from_pretrained(os.path.join(assets_dir, "tokenizer"))
     perk = PerkModel.load(os.path.join(assets_dir, "perk"), load_base(os.path.join(assets_dir, "perk", "base")),
                           tokenizer)
@@ -92,14 +93,31 @@ def needle_name(question: str) -> str:
     return question[len(prefix):-1]
 
 
+def context_needles(context: list[str]) -> list[tuple[str, str]]:
+    """Every ``(person, code)`` pair a needle context states, in reading order."""
+    pattern = re.compile(NEEDLE.format(name=r"(\w+)", value=r"(\d+)").replace(".", r"\."))
+    return [m.groups() for doc in context for m in pattern.finditer(doc)]
+
+
 def memory_round_trip(demo: Demo, *, seed: str = "demo-memory", log=print) -> dict:
     """Encode one held-out context once, save the Memory, load it back, and answer several
-    questions (phrasings of the needle question, three of them never seen in training) from that
-    single memory -- one ``generate`` call, the memory broadcast to every question."""
+    questions from that single memory -- one ``generate`` call, the memory broadcast to every
+    question. With the multi-task recipe the context holds 4 people's codes and each person is asked
+    about (plus phrasings never seen in training for the first); with the single-needle recipe, the
+    phrasings of its one question."""
     recipe = demo.recipe
-    ex = generate(recipe.task, 1, seed=seed, context_tokens=recipe.train_len, position="mid",
-                  doc_tokens=recipe.doc_tokens)[0]
+    if recipe.mix:
+        ex = generate("needle", 1, seed=seed, context_tokens=recipe.train_len, position="mid",
+                      doc_tokens=recipe.eval_doc_tokens or recipe.doc_tokens, n_distractors=3)[0]
+    else:
+        ex = generate(recipe.task, 1, seed=seed, context_tokens=recipe.train_len, position="mid",
+                      doc_tokens=recipe.doc_tokens)[0]
+    facts = context_needles(ex.context)
     name = needle_name(ex.question)
+    if (name, ex.answer) not in facts:
+        raise RuntimeError(f"the generated context does not state {name}'s code {ex.answer}: {facts}")
+    asked = [(p.format(name=name), ex.answer) for p in PARAPHRASES]
+    asked += [(NEEDLE_QUESTION.format(name=who), code) for who, code in facts if who != name]
     memory = encode(demo.perk, [ex.context])
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "memory")
@@ -107,16 +125,17 @@ def memory_round_trip(demo: Demo, *, seed: str = "demo-memory", log=print) -> di
         size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
         loaded = Memory.load(path, demo.perk)
     same = all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(memory.tensors, loaded.tensors))
-    questions = [p.format(name=name) for p in PARAPHRASES]
+    questions = [q for q, _ in asked]
+    gold = [g for _, g in asked]
     answers = [cut_answer(a) for a in demo.perk.generate(loaded, questions, max_new_tokens=8)]
-    needle = next(s.strip() for doc in ex.context for s in doc.split(". ") if "secret code" in s)
+    stated = "; ".join(f"{who}: {code}" for who, code in facts)
     log(f"\nOne held-out context ({sum(len(d.encode()) for d in ex.context)} byte tokens, {len(ex.context)} "
-        f"documents; it says: {needle.rstrip('.')}.) encoded once -> Memory saved ({size / 1024:.0f} KiB), "
-        f"loaded back (identical: {same}). Questions answered from that one memory, no context in the prompt:")
-    for q, a in zip(questions, answers):
-        log(f"  {q:<40} -> {a:<6} {'ok' if a == ex.answer else 'wrong (' + ex.answer + ')'}")
-    return {"questions": questions, "answers": answers, "gold": ex.answer, "identical": same,
-            "correct": sum(a == ex.answer for a in answers)}
+        f"documents; its codes: {stated}) encoded once -> Memory saved ({size / 1024:.0f} KiB), loaded back "
+        f"(identical: {same}). Questions answered from that one memory, no context in the prompt:")
+    for q, a, g in zip(questions, answers, gold):
+        log(f"  {q:<40} -> {a:<6} {'ok' if a == g else 'wrong (' + g + ')'}")
+    return {"questions": questions, "answers": answers, "gold": gold, "identical": same,
+            "correct": sum(a == g for a, g in zip(answers, gold))}
 
 
 def main(n: int = 50, *, assets_dir: str = ASSETS_DIR, threads: int = 2, seed: str = SEEDS["eval"],
@@ -135,8 +154,10 @@ def main(n: int = 50, *, assets_dir: str = ASSETS_DIR, threads: int = 2, seed: s
         f"{report['base_parameters'] / 1e3:.0f}k parameters) trained on CPU in "
         f"{report['times_s']['train_total_s'] / 60:.0f} min; memory = rank-{perk_cfg.lora_rank} LoRA written by "
         f"{perk_cfg.inner_steps} AdamW steps.")
-    log(f"Needle in a haystack, held-out seed {seed!r}, n={n} per cell, exact match (%). "
-        f"Trained at {recipe.train_len} tokens.")
+    what = ("Tasks: " + ", ".join(spec_label(t) for t in recipe.tasks_for_eval())) if recipe.mix else \
+        "Needle in a haystack"
+    log(f"{what}; held-out seed {seed!r}, n={n} per cell, exact match (%). Trained at {recipe.train_len} tokens"
+        + (f" on documents of {', '.join(map(str, recipe.doc_mix))} tokens" if recipe.doc_mix else "") + ".")
     log("  PERK          meta-trained memory; the prompt holds only the question")
     log("  TTT (no meta) the same inner loop from an untrained adapter on the stage-1 base (no meta-learning)")
     log("  FT-ICR        the stage-1 base fine-tuned with PERK's budget (same examples and steps), context in "

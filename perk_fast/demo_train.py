@@ -584,7 +584,7 @@ def train(recipe: DemoRecipe, out_dir: str, log=_print, eval_dir: str | None = N
     return report
 
 
-def _parse(argv=None) -> tuple[DemoRecipe, str]:
+def _parse(argv=None) -> tuple[DemoRecipe, str, str | None, str | None, bool]:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--recipe", default="multi", choices=sorted(RECIPES))
     chosen, _ = pre.parse_known_args(argv)
@@ -618,11 +618,13 @@ def _parse(argv=None) -> tuple[DemoRecipe, str]:
     eval_out = args.eval_out
     if eval_out is None and os.path.abspath(args.out) == os.path.abspath(ASSETS_DIR):
         eval_out = SHIPPED_EVAL_DIR
-    return dataclasses.replace(recipe, perk=perk, **changes), args.out, eval_out
+    if args.resume and args.checkpoint_dir is None:
+        ap.error("--resume needs --checkpoint-dir")
+    return dataclasses.replace(recipe, perk=perk, **changes), args.out, eval_out, args.checkpoint_dir, args.resume
 
 
 MULTI_PERK = dict(
-    inner_steps=4, inner_lr=1e-3, inner_optimizer="adamw", unroll="full", meta_grad="checkpointed",
+    inner_steps=4, inner_lr=1e-3, inner_optimizer="adamw", unroll="full", meta_grad="unrolled",
     segment_len=128, segments_per_step=16, lora_rank=16, lora_alpha=32.0, lm_head_loss="full",
     outer_weight_decay=0.01, warmup_proportion=0.03, max_grad_norm=1.0, seed=0,
 )
@@ -633,16 +635,16 @@ RECIPES = {
     "multi": DemoRecipe(
         mix=("needle:0", "needle:1", "needle:3", "needle:5", "needle:7", "qa1", "qa2", "records_recall"),
         doc_mix=(64, 128, 256), eval_tasks=("needle:0", "needle:3", "qa1", "qa2", "records_recall"),
-        eval_doc_tokens=192, train_len=512, eval_lengths=(512, 2048), hidden_size=96, num_hidden_layers=2,
+        eval_doc_tokens=192, train_len=256, eval_lengths=(256, 1024), hidden_size=96, num_hidden_layers=2,
         num_attention_heads=4, intermediate_size=288, lm_contexts=2000, lm_steps=600, perk=MULTI_PERK,
-        meta_steps=1000, meta_batch=8, icr_long_steps=3000, dev_n=40, dev_every=250, eval_n=50, ranks=2,
+        meta_steps=1200, meta_batch=8, icr_long_steps=2400, dev_n=40, dev_every=250, eval_n=30, ranks=2,
     ),
 }
 
 
 def main(argv=None) -> dict:
-    recipe, out, eval_out = _parse(argv)
-    return train(recipe, out, eval_dir=eval_out)
+    recipe, out, eval_out, checkpoint_dir, resume = _parse(argv)
+    return train(recipe, out, eval_dir=eval_out, checkpoint_dir=checkpoint_dir, resume=resume)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from perk_fast import demo
-from perk_fast.demo_train import ASSETS_DIR, SHIPPED_EVAL_DIR, DemoRecipe, icr_long_name, task_examples
+from perk_fast.demo_train import (ASSETS_DIR, RECIPES, SHIPPED_EVAL_DIR, DemoRecipe, icr_long_name, recipe_from_dict,
+                                  spec_label, task_examples, task_spec)
 from perk_fast.evaluate import evaluate
 from perk_fast.model import model_fingerprint
 from perk_fast.tasks import generate
@@ -31,15 +32,18 @@ def test_assets_present_and_small():
 def test_report_records_recipe_times_and_numbers():
     report = _report()
     recipe = report["recipe"]
-    assert DemoRecipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in recipe.items()}).perk_config()
+    shipped = recipe_from_dict(recipe)
+    assert shipped == RECIPES["multi"], "the shipped assets come from the shipped recipe"
     assert report["times_s"]["train_total_s"] > 0
     results = report["eval"]["results"]
-    assert set(results) == {"PERK", "TTT (no meta)", "FT-ICR", "FT-ICR 10x"}
-    for system in results.values():
-        for length in map(str, recipe["eval_lengths"]):
-            for pos in recipe["eval_positions"]:
-                cell = system[length][pos]
-                assert cell["n"] == recipe["eval_n"] and 0.0 <= cell["exact_match"] <= 1.0
+    assert set(results) == {spec_label(s) for s in shipped.tasks_for_eval()}
+    for task in results.values():
+        assert set(task) == {"PERK", "TTT (no meta)", "FT-ICR", icr_long_name(shipped)}
+        for system in task.values():
+            for length in map(str, recipe["eval_lengths"]):
+                for pos in recipe["eval_positions"]:
+                    cell = system[length][pos]
+                    assert cell["n"] == recipe["eval_n"] and 0.0 <= cell["exact_match"] <= 1.0
 
 
 def test_demo_models_load_and_match_their_bases():
@@ -57,32 +61,43 @@ def test_shipped_predictions_are_reproduced():
     d = demo.load_demo()
     report = _report()
     length = report["recipe"]["eval_lengths"][-1]
-    path = os.path.join(SHIPPED_EVAL_DIR, "PERK", f"L{length}_mid", "predictions.jsonl")
-    with open(path, encoding="utf-8") as fh:
-        shipped = [json.loads(line) for line in fh][:3]
-    data = generate(d.recipe.task, 3, seed=report["eval"]["seed"], context_tokens=length, position="mid",
-                    doc_tokens=d.recipe.doc_tokens)
-    out = evaluate(d.perk, data, max_new_tokens=8, progress=False)
-    assert out["predictions"] == [r["prediction"] for r in shipped]
+    for spec in ("needle:3", "qa1"):
+        path = os.path.join(SHIPPED_EVAL_DIR, spec.replace(":", "-"), "PERK", f"L{length}_mid", "predictions.jsonl")
+        with open(path, encoding="utf-8") as fh:
+            shipped = [json.loads(line) for line in fh][:3]
+        task, kw = task_spec(spec)
+        data = generate(task, 3, seed=f"{report['eval']['seed']}/{spec}", context_tokens=length, position="mid",
+                        doc_tokens=d.recipe.eval_doc_tokens, **kw)
+        out = evaluate(d.perk, data, max_new_tokens=8, progress=False)
+        assert out["predictions"] == [r["prediction"] for r in shipped], spec
 
 
 def test_training_data_never_overlaps_evaluation_seeds():
-    recipe = DemoRecipe()
-    train = task_examples(recipe, 64, "demo-train")
-    held = generate(recipe.task, 64, seed=_report()["eval"]["seed"], context_tokens=recipe.train_len,
-                    position="mid", doc_tokens=recipe.doc_tokens)
-    assert not {" ".join(e.context) for e in train} & {" ".join(e.context) for e in held}
+    recipe = RECIPES["multi"]
+    train = task_examples(recipe, 256, "demo-train")
+    seen = {" ".join(e.context) for e in train} | {e.question + " ".join(e.context) for e in train}
+    for spec in recipe.tasks_for_eval():
+        task, kw = task_spec(spec)
+        for position in recipe.eval_positions:
+            held = generate(task, 16, seed=f"{_report()['eval']['seed']}/{spec}", context_tokens=recipe.train_len,
+                            position=position, doc_tokens=recipe.eval_doc_tokens, **kw)
+            assert not {" ".join(e.context) for e in held} & seen, spec
 
 
 def test_demo_main_runs_end_to_end(capsys):
-    out = demo.main(2, threads=torch.get_num_threads())
+    out = demo.main(1, threads=torch.get_num_threads())
     printed = capsys.readouterr().out
-    for name in ("PERK", "TTT (no meta)", "FT-ICR", "FT-ICR 10x"):
+    d = demo.load_demo()
+    for name in ("PERK", "TTT (no meta)", "FT-ICR", icr_long_name(d.recipe)):
         assert name in printed
-    assert "n=2" in printed
-    assert out["memory"]["identical"] is True
-    assert len(out["memory"]["answers"]) >= 2
-    assert set(out["results"]) == {"PERK", "TTT (no meta)", "FT-ICR", "FT-ICR 10x"}
+    assert "n=1" in printed
+    assert set(out["results"]) == {spec_label(s) for s in d.recipe.tasks_for_eval()}
+    for task in out["results"].values():
+        assert set(task) == {"PERK", "TTT (no meta)", "FT-ICR", icr_long_name(d.recipe)}
+    mem = out["memory"]
+    assert mem["identical"] is True
+    # questions about 4 different people, all from the same memory
+    assert len(set(mem["gold"])) == 4 and len(mem["answers"]) == len(mem["questions"])
 
 
 def test_long_icr_baseline_is_optional_but_never_silently_missing(tmp_path):
@@ -143,3 +158,13 @@ def test_multi_task_recipe_end_to_end_at_toy_size(tmp_path):
     assert set(report["eval"]["results"]) == {"needle (1 code)", "needle (4 codes)", "qa1", "qa2", "records_recall"}
     assert os.path.exists(tmp_path / "ckpt" / "last" / "trainer_state.json")
     assert report["recipe"]["ranks"] == 2
+
+
+def test_context_needles_lists_every_code_in_reading_order():
+    ex = generate("needle", 1, seed="needles", context_tokens=256, doc_tokens=96, n_distractors=3)[0]
+    facts = demo.context_needles(ex.context)
+    assert len(facts) == 4 and len({who for who, _ in facts}) == 4
+    assert (demo.needle_name(ex.question), ex.answer) in facts
+    text = " ".join(ex.context)
+    positions = [text.index(f"The secret code of {who} is {code}.") for who, code in facts]
+    assert positions == sorted(positions)
