@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .demo_train import ASSETS_DIR, SEEDS, DemoRecipe, eval_systems, icr_long_name, load_base, recipe_from_dict,
-                         spec_label
+from .demo_train import (ASSETS_DIR, SEEDS, DemoRecipe, eval_systems, icr_long_name, load_base, recipe_from_dict,
+                         spec_label)
 from .encode import encode
 from .evaluate import cut_answer
 from .memory import Memory
