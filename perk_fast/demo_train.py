@@ -440,6 +440,18 @@ def recipe_from_dict(fields: dict) -> DemoRecipe:
 
 
 # ----------------------------------------------------------------------------- evaluation
+def cell_positions(recipe: DemoRecipe, spec: str, length: int, *, n: int, seed: str) -> list[str]:
+    """The fact positions evaluated for ``spec`` at ``length``: ``recipe.eval_positions`` when the
+    relevant units of every one of the ``n`` examples fit in a third of the context, else
+    ``["random"]`` (a story of ~130 tokens cannot lie in the middle third of 256)."""
+    task, kw = task_spec(spec)
+    probe = generate(task, n, seed=seed, context_tokens=length, position="random",
+                     doc_tokens=recipe.eval_doc_tokens or recipe.doc_tokens, **kw)
+    if all(3 * e.meta["facts_tokens"] <= e.meta["context_tokens"] for e in probe):
+        return list(recipe.eval_positions)
+    return ["random"]
+
+
 def eval_systems(perk_model, ttt_model, icr_model, tokenizer, recipe: DemoRecipe, *, n: int, seed: str,
                  icr_long_model=None, out_dir: str | None = None, verbose: bool = True,
                  lengths: tuple[int, ...] | None = None) -> dict:
@@ -464,10 +476,14 @@ def eval_systems(perk_model, ttt_model, icr_model, tokenizer, recipe: DemoRecipe
         task, kw = task_spec(spec)
         label = spec_label(spec)
         sub = None if out_dir is None else os.path.join(out_dir, spec.replace(":", "-"))
-        rep = sweep(systems, task=task, lengths=lengths, positions=recipe.eval_positions, n=n, seed=f"{seed}/{spec}",
+        where = {length: cell_positions(recipe, spec, length, n=n, seed=f"{seed}/{spec}") for length in lengths}
+        rep = sweep(systems, task=task, lengths=lengths, positions=where, n=n, seed=f"{seed}/{spec}",
                     max_new_tokens=8, out_dir=sub, verbose=False, doc_tokens=doc, **kw)
         reports[label] = rep["results"]
-        tables.append(f"{label} (documents of {doc} tokens, segments of {perk_model.config.segment_len})\n"
+        anywhere = [length for length, p in where.items() if p == ["random"]]
+        note = (f"; at {', '.join(map(str, anywhere))} tokens the facts take more than a third of the context: "
+                "placed anywhere" if anywhere else "")
+        tables.append(f"{label} (documents of {doc} tokens, segments of {perk_model.config.segment_len}{note})\n"
                       + rep["table"])
     table = "\n\n".join(tables)
     if verbose:
@@ -509,6 +525,14 @@ def train(recipe: DemoRecipe, out_dir: str, log=_print, eval_dir: str | None = N
     t = time.perf_counter()
     perk_base = copy.deepcopy(base)
     perk_model = PerkModel(perk_base, tokenizer, recipe.perk_config())
+    resumed_from = None
+    if resume:
+        state = os.path.join(checkpoint_dir, "last", "trainer_state.json")
+        if not os.path.exists(state):
+            raise FileNotFoundError(f"--resume: no checkpoint at {state}")
+        with open(state, encoding="utf-8") as fh:
+            resumed_from = json.load(fh)["step"]
+        log(f"  resuming the PERK stage after step {resumed_from} ({checkpoint_dir})")
     meta_history = meta_train_joint(perk_model, dataset, recipe, dev=dev, log=log, checkpoint_dir=checkpoint_dir,
                                     resume=resume)
     for p in perk_base.parameters():
@@ -566,6 +590,8 @@ def train(recipe: DemoRecipe, out_dir: str, log=_print, eval_dir: str | None = N
         "base_parameters": n_params,
         "times_s": {k: round(v, 1) for k, v in times.items()},
         "threads": recipe.threads,
+        # a resumed PERK stage: perk_s counts this process only (the log holds the earlier part)
+        "perk_resumed_from_step": resumed_from,
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor()
                     or platform.machine(), "cpu_count": os.cpu_count()},
         "lm_final_loss": sum(r["loss"] for r in lm_history[-20:]) / 20,

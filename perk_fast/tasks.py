@@ -21,7 +21,8 @@ Shared parameters:
   take ~150-350 tokens, so use ``context_tokens`` >= 1024 (or fewer ``n_distractors``).
 * ``position`` -- where the relevant units (needle, story facts, asked-about records) lie:
   "pre" / "mid" / "post" put all of them inside the first / middle / last third of the context's
-  tokens; "random" anywhere. ``meta["depth"]`` is the token fraction before the first of them.
+  tokens; "random" anywhere. ``meta["depth"]`` is the token fraction before the first of them,
+  ``meta["facts_tokens"]`` the tokens they take together (with their separators).
 * ``doc_tokens`` -- documents are filled greedily with whole sentences (records) up to this
   many tokens; a single unit longer than that is a document of its own.
 
@@ -270,7 +271,8 @@ def _build(task: str, seed, index: int, rng: random.Random, *, filler: list[str]
     docs = _pack(units, doc_tokens, cost, count_tokens, sep)
     info = {"task": task, "seed": seed, "index": index, "position": position,
             "depth": round(before / total, 4) if total else 0.0,
-            "context_tokens": sum(count_tokens(d) for d in docs)}
+            "context_tokens": sum(count_tokens(d) for d in docs),
+            "facts_tokens": sum(cost(f) for f in facts)}
     info.update(meta or {})
     support = [facts[i] for i in relevant] if with_support else None
     return Example(context=docs, question=question, answer=answer, support=support, meta=info)

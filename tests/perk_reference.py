@@ -45,7 +45,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import random
 from typing import Any, Sequence
 
 import higher

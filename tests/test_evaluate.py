@@ -1,7 +1,6 @@
 """perk_fast.evaluate: answer cutting, scoring wiring, files written, baselines, sweeps (tiny random models)."""
 from __future__ import annotations
 
-import functools
 import json
 import math
 

@@ -35,7 +35,8 @@ def plot_sweep(results, lengths, positions, path: str, metric: str = "exact_matc
     for ax, pos in zip(axes[0], positions):
         for i, (name, cells) in enumerate(results.items()):
             marker, line, size = styles[i % len(styles)]
-            ax.plot(lengths, [100 * cells[length][pos][metric] for length in lengths], marker=marker, linestyle=line,
+            xs = [length for length in lengths if pos in cells[length]]
+            ax.plot(xs, [100 * cells[length][pos][metric] for length in xs], marker=marker, linestyle=line,
                     markersize=size, label=name)
         ax.set_xscale("log", base=2)
         ax.set_xticks(lengths, [str(length) for length in lengths])

@@ -31,20 +31,21 @@ def _run_system(system: Any, data: list, *, batch_size: int, max_new_tokens: int
 
 
 def format_sweep_table(results: Mapping[str, Mapping[int, Mapping[str, dict]]], *, metric: str = "exact_match") -> str:
-    """Text table: one row per (system, length), one column per position, ``metric`` in percent."""
+    """Text table: one row per (system, length), one column per position, ``metric`` in percent
+    (``-`` where a length was not evaluated at that position)."""
     systems = list(results)
     if not systems:
         return ""
     lengths = list(results[systems[0]])
-    positions = list(results[systems[0]][lengths[0]])
+    positions = list(dict.fromkeys(p for length in lengths for p in results[systems[0]][length]))
     name_w = max(len("system"), *(len(s) for s in systems))
     header = f"{'system':<{name_w}}  {'length':>6}  " + "  ".join(f"{p:>6}" for p in positions) + "     n"
     lines = [header, "-" * len(header)]
     for s in systems:
         for length in lengths:
             cells = results[s][length]
-            vals = "  ".join(f"{100 * cells[p][metric]:6.1f}" for p in positions)
-            n = cells[positions[0]]["n"]
+            vals = "  ".join(f"{100 * cells[p][metric]:6.1f}" if p in cells else f"{'-':>6}" for p in positions)
+            n = next(iter(cells.values()))["n"]
             lines.append(f"{s:<{name_w}}  {length:>6}  {vals}  {n:>4}")
     return "\n".join(lines)
 
@@ -54,7 +55,7 @@ def sweep(
     *,
     task: str = "needle",
     lengths: Sequence[int] = (256, 1024),
-    positions: Sequence[str] = ("pre", "mid", "post"),
+    positions: Sequence[str] | Mapping[int, Sequence[str]] = ("pre", "mid", "post"),
     n: int = 16,
     seed: int | str = "sweep",
     batch_size: int = 8,
@@ -73,7 +74,9 @@ def sweep(
             :func:`evaluate_in_context`).
         task, lengths, positions, n, seed, task_kwargs: the data of each cell is
             ``tasks.generate(task, n, seed=seed, context_tokens=length, position=position, **task_kwargs)``,
-            the same for every system.
+            the same for every system. ``positions`` is one list for every length, or a mapping
+            length -> its positions (e.g. ``"random"`` alone where the facts take more than a third
+            of the context, so that pre / mid / post cannot hold them).
         out_dir: when given, per-cell predictions go to ``out_dir/<system>/L<length>_<position>/``
             (``<system>``: the name with every run of other characters than letters, digits, ``.``
             and ``-`` replaced by ``_``),
@@ -93,10 +96,19 @@ def sweep(
     if plot not in (True, False, "auto"):
         raise ValueError(f"plot={plot!r} is invalid: allowed True, False, 'auto'")
     check_int("n", n)
-    lengths, positions = [int(x) for x in lengths], list(positions)
+    lengths = [int(x) for x in lengths]
+    if isinstance(positions, Mapping):
+        missing = [length for length in lengths if length not in positions]
+        if missing:
+            raise ValueError(f"positions has no entry for the lengths {missing}")
+        per_length = {length: list(positions[length]) for length in lengths}
+        positions = list(dict.fromkeys(p for length in lengths for p in per_length[length]))
+    else:
+        positions = list(positions)
+        per_length = {length: positions for length in lengths}
     results: dict[str, dict[int, dict[str, dict]]] = {name: {} for name in systems}
     for length in lengths:
-        for pos in positions:
+        for pos in per_length[length]:
             data = generate(task, n, seed=seed, context_tokens=length, position=pos, **task_kwargs)
             for name, system in systems.items():
                 folder = re.sub(r"[^A-Za-z0-9.-]+", "_", name).strip("_") or "system"
