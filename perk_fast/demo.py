@@ -3,14 +3,15 @@
 1. Loads the demo (``perk_fast/assets/demo``, trained by ``python -m perk_fast.demo_train``): a small
    byte-level Llama-shaped LM meta-trained with PERK, its stage-1 base (for plain test-time training)
    and the FT-ICR baseline.
-2. Prints exact match on held-out contexts (seeds never used in training), one table per task
-   (needles among other people's codes, BabiLong-like qa1 / qa2, student-records recall), for
+2. Prints exact match on held-out contexts (seeds never used in training), one table per task of
+   the recipe (the shipped model: needle in a haystack; ``--assets`` of a multi-task run: needles
+   among other people's codes, BabiLong-like qa1 / qa2, student-records recall), for
    (a) PERK, (b) plain test-time training of an untrained adapter on the same base (no
    meta-learning), (c) the fine-tuned in-context baseline (context in the prompt) with PERK's
    training budget and with 10x its examples, at the training length and at 4x it, with the
    needle in the first / middle / last third of the context.
-3. Encodes one context once, saves the Memory, loads it back and answers questions about different
-   people from it.
+3. Encodes one context once, saves the Memory, loads it back and answers several questions from
+   it (a multi-task model: questions about the different people of that context).
 """
 from __future__ import annotations
 
