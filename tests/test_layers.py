@@ -31,7 +31,8 @@ TIERS = [
     ("evaluation api", {"evaluate"}),
     ("applications", {"demo_train", "runs"}),
     ("demo", {"demo"}),
-    ("entry points", {"", "cli", "__main__"}),
+    ("entry points", {"", "cli"}),
+    ("python -m perk_fast", {"__main__"}),  # runs the command line
 ]
 
 
