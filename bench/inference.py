@@ -3,7 +3,7 @@
     python bench/inference.py                                   # CPU default: a small Qwen2-shaped model
     python bench/inference.py --device cuda --preset qwen2.5-0.5b --dtype bfloat16
 
-For one context of L tokens (L = 1K ... 32K) and k questions about it (k = 1 and 16), the time and
+For one context of L tokens (L = 1K ... 32K by default; ``--lengths`` for more) and k questions about it (k = 1 and 16), the time and
 peak memory to answer them:
 
 * PERK: ``perk_fast.encode`` writes the context into its memory once (T inner steps over segments
@@ -17,7 +17,8 @@ Same base model (random weights at the preset's shape: speed and memory do not d
 values), same synthetic context, in one run. Times are medians of ``--repeats`` runs (CUDA:
 events). Prints a table, writes JSON and a PNG under bench/results/, and ends with the crossover:
 the context length from which PERK answers k questions faster than in-context reading and stays
-faster (log-log interpolation across the last crossing), or that it is still slower at the longest.
+faster (log-log interpolation across the last crossing), or that it is still slower at the longest;
+and the same for peak memory.
 """
 from __future__ import annotations
 
@@ -176,11 +177,18 @@ def main(argv=None) -> None:
         sub = [r for r in rows if r["questions"] == k]
         summary[k] = crossover([r["length"] for r in sub], [r["perk_s"] for r in sub],
                                [r["in_context_s"] for r in sub])
+    # peak memory depends on the context only (k questions share one memory / one KV cache)
+    memory_cross = None
+    if not args.no_memory:
+        sub = [r for r in rows if r["questions"] == ks[0]]
+        memory_cross = crossover([r["length"] for r in sub], [r["perk_peak_bytes"] for r in sub],
+                                 [r["in_context_peak_bytes"] for r in sub])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"inference_{args.preset}_{args.device}"
     (out / f"{stem}.json").write_text(json.dumps({"environment": environment(args.device), "config": vars(args),
-                                                  "rows": rows, "crossover_tokens": summary}, indent=2))
+                                                  "rows": rows, "crossover_tokens": summary,
+                                                  "memory_crossover_tokens": memory_cross}, indent=2))
     _plot(rows, ks, out / f"{stem}.png", f"{args.preset} on {args.device}, T={args.steps}")
     print(f"wrote {out / (stem + '.json')}")
     parts = []
@@ -193,6 +201,12 @@ def main(argv=None) -> None:
                          f"the in-context time at {lengths[-1]})")
         else:
             parts.append(f"k={k}: PERK is faster from ~{c:,.0f} tokens")
+    if not args.no_memory:
+        last = rows[-1]
+        parts.append("peak memory: " + (f"PERK below in-context from ~{memory_cross:,.0f} tokens" if memory_cross
+                                        else f"PERK above in-context up to {lengths[-1]} tokens")
+                     + f" ({last['perk_peak_bytes'] / MiB:.0f} vs {last['in_context_peak_bytes'] / MiB:.0f} MiB "
+                       f"at {lengths[-1]})")
     print("crossover: " + "; ".join(parts))
 
 
