@@ -3,8 +3,8 @@
     python bench/inference.py                                   # CPU default: a small Qwen2-shaped model
     python bench/inference.py --device cuda --preset qwen2.5-0.5b --dtype bfloat16
 
-For one context of L tokens (L = 1K ... 32K by default; ``--lengths`` for more) and k questions about it (k = 1 and 16), the time and
-peak memory to answer them:
+For one context of L tokens (L = 1K ... 32K by default; ``--lengths`` for more) and k questions
+about it (k = 1 and 16), the time and peak memory to answer them:
 
 * PERK: ``perk_fast.encode`` writes the context into its memory once (T inner steps over segments
   of ``--segment-len`` tokens), then the k questions are answered from that memory with no context

@@ -51,7 +51,7 @@ either (dev EM 47 / 38 / 19 % with 1 / 2 / 3 other needles, about chance), while
 stayed at 100 %; that run was not repeated with the shipped recipe.
 
 The multi-task experiment (``--recipe multi``, not the shipped model; its run, models, checkpoint and
-numbers are in ``bench/results/demo_multi``): a d=96 model (256 k weights) meta-trained on a cycle of
+numbers are in ``bench/results/demo_multi``): a d=96 model (265 k weights) meta-trained on a cycle of
 needles among 0 / 1 / 3 / 5 / 7 other people's codes, BabiLong-like qa1 and qa2 and student-records
 recall, over documents of 64 / 128 / 256 bytes (segments of 128), 1,200 steps x 8 contexts of 256
 tokens on 2 gloo processes (58 min of training on 2 cores, resumed once from its step-200
@@ -518,6 +518,16 @@ def train(recipe: DemoRecipe, out_dir: str, log=_print, eval_dir: str | None = N
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     tokenizer = ByteTokenizer()
+    resumed_from = None
+    if resume:  # read (and checked) before stage 1, so that a missing checkpoint fails at once
+        if checkpoint_dir is None:
+            raise ValueError("resume=True needs checkpoint_dir (the folder holding last/)")
+        state = os.path.join(checkpoint_dir, "last", "trainer_state.json")
+        if not os.path.exists(state):
+            raise FileNotFoundError(f"--resume: no checkpoint at {state}")
+        with open(state, encoding="utf-8") as fh:
+            resumed_from = json.load(fh)["step"]
+        log(f"resuming the PERK stage after step {resumed_from} ({checkpoint_dir}); stage 1 runs again")
     times = {}
     t_all = time.perf_counter()
 
@@ -538,14 +548,6 @@ def train(recipe: DemoRecipe, out_dir: str, log=_print, eval_dir: str | None = N
     t = time.perf_counter()
     perk_base = copy.deepcopy(base)
     perk_model = PerkModel(perk_base, tokenizer, recipe.perk_config())
-    resumed_from = None
-    if resume:
-        state = os.path.join(checkpoint_dir, "last", "trainer_state.json")
-        if not os.path.exists(state):
-            raise FileNotFoundError(f"--resume: no checkpoint at {state}")
-        with open(state, encoding="utf-8") as fh:
-            resumed_from = json.load(fh)["step"]
-        log(f"  resuming the PERK stage after step {resumed_from} ({checkpoint_dir})")
     meta_history = meta_train_joint(perk_model, dataset, recipe, dev=dev, log=log, checkpoint_dir=checkpoint_dir,
                                     resume=resume)
     for p in perk_base.parameters():

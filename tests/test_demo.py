@@ -157,3 +157,15 @@ def test_context_needles_lists_every_code_in_reading_order():
     text = " ".join(ex.context)
     positions = [text.index(f"The secret code of {who} is {code}.") for who, code in facts]
     assert positions == sorted(positions)
+
+
+def test_resume_without_a_checkpoint_fails_before_any_training(tmp_path):
+    from perk_fast.demo_train import RECIPES, train
+
+    lines = []
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        train(RECIPES["needle"], str(tmp_path / "out"), log=lines.append, checkpoint_dir=str(tmp_path / "none"),
+              resume=True)
+    assert lines == [] and not (tmp_path / "out").exists()  # stage 1 never started
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        train(RECIPES["needle"], str(tmp_path / "out"), log=lines.append, resume=True)

@@ -1,7 +1,6 @@
 """Engine tests: meta-gradients, encoding, batching, training, persistence, errors."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 
