@@ -56,8 +56,11 @@ class PerkConfig:
     (second order through every step), ``truncated`` (first order before
     ``unroll_start``), ``first_order``. ``meta_grad`` chooses how they are computed:
     ``checkpointed`` (flat in context length, replay; keeps one adapter-sized tensor per
-    step), ``recomputed`` (also constant in T: keeps nothing per step, recomputes the inner
-    gradients, T(T+1)/2 extra first-order passes) or ``unrolled`` (one big graph).
+    step), ``recomputed`` (also constant in T: keeps nothing per step and recomputes the inner
+    gradients along a binomial (revolve) schedule that may hold ``recompute_snapshots``
+    optimiser states -- 3 adapter-sized tensors each with AdamW, 1 with SGD; 0 replays every
+    step from the start, T(T+1)/2 extra first-order passes; the default 2 needs 6 at T = 4,
+    48 at T = 16) or ``unrolled`` (one big graph). The schedule changes the cost, never the values.
 
     LM head: ``lm_head_loss='chunked'`` never holds more than ``lm_head_chunk_size``
     tokens' logits (default: a 256 MiB chunk); ``'full'`` materialises them (reference).
@@ -79,6 +82,7 @@ class PerkConfig:
     unroll: str = "truncated"
     unroll_start: int = 2
     meta_grad: str = "checkpointed"
+    recompute_snapshots: int = 2
     segment_len: int | None = 256
     long_documents: str = "split"
     segments_per_step: int = 16
@@ -152,6 +156,7 @@ class PerkConfig:
         if self.unroll == "truncated" and self.unroll_start > self.inner_steps:
             _fail("unroll_start", self.unroll_start, f"an integer in [0, inner_steps={self.inner_steps}] with unroll='truncated'")
         choice("meta_grad", META_GRADS)
+        pos_int("recompute_snapshots", 0)
         if self.segment_len is not None:
             pos_int("segment_len", 4)
         choice("long_documents", LONG_DOCUMENTS)

@@ -44,15 +44,22 @@ Strategies (``PerkConfig.meta_grad``):
     micro-batch keeps its double-backward graph from the forward (the reverse walk starts with it).
 
 ``recomputed``
-    Keeps nothing per step, not even g_t: the reverse walk recomputes g_0..g_t (first-order
-    passes, the same values bit for bit) to rebuild (p_t, m_t, v_t, g_t) each time. Peak memory is
-    then constant in T -- a handful of adapter-sized tensors whatever the number of steps -- at the
-    price of T(T+1)/2 extra first-order forward+backward passes per meta-step (10 at T = 4).
+    Keeps nothing per step, not even g_t: the reverse walk recomputes the inner gradients
+    (first-order passes, the same values bit for bit) to rebuild (p_t, m_t, v_t, g_t) when step t
+    is reached. With no stored state that is T(T+1)/2 passes per meta-step (10 at T = 4), since
+    every step is rebuilt from p_0. With ``snapshots = c > 0`` the walk follows a binomial
+    (revolve) schedule (:func:`revolve_plan`): it may hold up to c intermediate states (p_k, m_k,
+    v_k) and picks, by dynamic programming, where to store them so that the number of passes is
+    the least possible -- about r T for the smallest r with C(c + r, c) >= T, that is
+    O(T log T) once c ~ log T, and 2T - 2 (the floor: one pass to advance to each state, one
+    to rebuild each step's gradient, less the kept last step) once C(c + 1, c) >= T. Peak memory
+    stays constant in T: c states on top of the c = 0 walk's handful of adapter-sized tensors.
 
 Test-time encoding is :func:`run_inner_loop` with ``differentiable=False``: no graph survives a step.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -62,7 +69,7 @@ from .data import MicroBatch
 from .inner import InnerOptimizer
 
 __all__ = ["InnerProblem", "InnerResult", "STRATEGIES", "adapt", "run_inner_loop", "flat_memory_inner_loop",
-           "step_gradient"]
+           "step_gradient", "revolve_plan", "plan_passes"]
 
 STRATEGIES = ("checkpointed", "recomputed", "unrolled")
 
@@ -161,24 +168,31 @@ def run_inner_loop(
     return InnerResult(list(params), losses)
 
 
-def flat_memory_inner_loop(problem: InnerProblem, *, keep_gradients: bool = True) -> InnerResult:
+def flat_memory_inner_loop(problem: InnerProblem, *, keep_gradients: bool = True, snapshots: int = 0) -> InnerResult:
     """Adapted adapters whose backward is the flat-memory meta-gradient.
 
     ``keep_gradients=True`` is ``checkpointed`` (one stored g_t per step), ``False`` is
-    ``recomputed`` (nothing stored per step).
+    ``recomputed`` (nothing stored per step; its reverse walk may hold up to ``snapshots``
+    intermediate optimiser states, placed by :func:`revolve_plan`). ``snapshots`` changes the
+    number of passes, never the values.
     """
+    if isinstance(snapshots, bool) or not isinstance(snapshots, int) or snapshots < 0:
+        raise ValueError(f"snapshots={snapshots!r} is invalid: allowed an integer >= 0")
     losses: list[torch.Tensor] = []
-    out = _FlatMemoryInnerLoop.apply(problem, keep_gradients, losses, problem.lrs, *problem.init, *problem.weights)
+    out = _FlatMemoryInnerLoop.apply(problem, keep_gradients, snapshots, losses, problem.lrs, *problem.init,
+                                     *problem.weights)
     return InnerResult(list(out), losses)
 
 
-def adapt(problem: InnerProblem, strategy: str) -> InnerResult:
+def adapt(problem: InnerProblem, strategy: str, *, snapshots: int = 0) -> InnerResult:
     """Run the inner loop with meta-gradient ``strategy`` (one of :data:`STRATEGIES`).
 
     ``unrolled`` under ``torch.no_grad()`` builds no graph at all (the same values).
+    ``snapshots``: the states ``recomputed`` may hold during its reverse walk (ignored otherwise).
     """
     if strategy in ("checkpointed", "recomputed"):
-        return flat_memory_inner_loop(problem, keep_gradients=strategy == "checkpointed")
+        return flat_memory_inner_loop(problem, keep_gradients=strategy == "checkpointed",
+                                      snapshots=snapshots if strategy == "recomputed" else 0)
     if strategy == "unrolled":
         return run_inner_loop(problem, differentiable=torch.is_grad_enabled())
     raise ValueError(f"meta-gradient strategy {strategy!r} is invalid: allowed {', '.join(STRATEGIES)}")
@@ -190,7 +204,7 @@ class _FlatMemoryInnerLoop(torch.autograd.Function):
     outputs: the adapted tensors (P of them, leading context dim)."""
 
     @staticmethod
-    def forward(ctx, problem, keep_gradients, losses, lrs, *tensors):
+    def forward(ctx, problem, keep_gradients, snapshots, losses, lrs, *tensors):
         n_init = len(problem.init)
         init = tensors[:n_init]
         opt = problem.optimizer
@@ -215,6 +229,7 @@ class _FlatMemoryInnerLoop(torch.autograd.Function):
                 params, states = opt.step(params, grads, states, lrs[:, t].detach(), t)
             del grads
         ctx.problem = problem
+        ctx.snapshots = snapshots
         ctx.grads_per_step = grads_per_step if keep_gradients else None
         ctx.save_for_backward(lrs, *init)
         return tuple(params)
@@ -227,38 +242,37 @@ class _FlatMemoryInnerLoop(torch.autograd.Function):
         grads_per_step = ctx.grads_per_step
         n_init = len(init)
         weights = list(problem.weights)
-        w_needed = [i for i, need in enumerate(ctx.needs_input_grad[4 + n_init:]) if need]
+        w_needed = [i for i, need in enumerate(ctx.needs_input_grad[5 + n_init:]) if need]
         p0 = [t.detach().unsqueeze(0).expand(problem.n_contexts, *t.shape) for t in init]
         s0 = opt.init_state(p0)
         p_bar = [torch.zeros_like(p) if g is None else g for g, p in zip(p_bar, p0)]
         s_bar = [tuple(torch.zeros_like(x) for x in s) for s in s0]
         lr_bar = torch.zeros_like(lrs)
         w_bar = [torch.zeros_like(w) for w in weights]
-        for t in reversed(range(problem.steps)):
+        if grads_per_step is not None:
+            walk = _checkpointed_walk(opt, p0, s0, grads_per_step, lrs)
+        else:
+            walk = _recomputed_walk(problem, p0, s0, lrs, ctx.snapshots, ctx)
+        for t, params, states, grads in walk:
             # a one-item box: _replay_hvp pops the kept graph, so that nothing here holds it once it is used
             kept = [ctx.kept] if t == problem.steps - 1 and ctx.kept is not None else None
             ctx.kept = None if kept is not None else ctx.kept
-            if grads_per_step is not None:
-                params, states = _replay_updates(opt, p0, s0, grads_per_step, lrs, t)
-                grads = grads_per_step[t]
-            elif kept is not None:  # recomputed: the last step's gradient came with the kept graph
-                params, states, grads = _recompute_step(problem, p0, s0, lrs, t, last_grads=ctx.last_grads)
-                ctx.last_grads = None
-            else:
-                params, states, grads = _recompute_step(problem, p0, s0, lrs, t)
             p_bar, s_bar, g_bar, lr_bar[:, t] = _update_vjp(opt, params, states, grads, lrs[:, t], t, p_bar, s_bar)
+            del grads
             if problem.second_order[t]:
                 hvp_p, hvp_w = _replay_hvp(problem, params, t, g_bar, [weights[i] for i in w_needed], kept=kept)
                 p_bar = [a + b for a, b in zip(p_bar, hvp_p)]
                 for i, v in zip(w_needed, hvp_w):
                     w_bar[i] = w_bar[i] + v
+            del params, states
         ctx.grads_per_step = None  # free the checkpoints as soon as they are consumed
         init_bar = [pb.sum(0) for pb in p_bar]
         return (
             None,  # problem
             None,  # keep_gradients
+            None,  # snapshots
             None,  # losses
-            lr_bar if ctx.needs_input_grad[3] else None,
+            lr_bar if ctx.needs_input_grad[4] else None,
             *init_bar,
             *(w_bar[i] if i in w_needed else None for i in range(len(weights))),
         )
@@ -302,24 +316,117 @@ def _replay_updates(opt: InnerOptimizer, p0, s0, grads_per_step, lrs, t):
     return params, states
 
 
-def _recompute_step(problem: InnerProblem, p0, s0, lrs, t, last_grads=None):
-    """(p_t, state_t, g_t) rebuilt from p_0 by recomputing g_0..g_t (``recomputed``); ``last_grads``:
-    g_t as the forward computed it (the last step, whose gradient came with its kept graph).
+def _checkpointed_walk(opt: InnerOptimizer, p0, s0, grads_per_step, lrs):
+    """(t, p_t, state_t, g_t) for t = T-1 .. 0 from the stored gradients (``checkpointed``)."""
+    for t in reversed(range(len(grads_per_step))):
+        params, states = _replay_updates(opt, p0, s0, grads_per_step, lrs, t)
+        yield t, params, states, grads_per_step[t]
+
+
+def _recomputed_walk(problem: InnerProblem, p0, s0, lrs, snapshots: int, ctx):
+    """(t, p_t, state_t, g_t) for t = T-1 .. 0, rebuilt by first-order passes along
+    :func:`revolve_plan` (``recomputed``). The last step's gradient is ``ctx.last_grads`` when the
+    forward kept it (it is taken, so that nothing holds it afterwards).
 
     The same passes and elementwise updates on the same inputs as the forward, so the values are
-    those of the forward; only the current step's tensors are alive.
+    those of the forward; alive: the current state, at most ``snapshots`` stored states, and p_0.
     """
     opt = problem.optimizer
-    params, states = p0, s0
-    for k in range(t):
-        grads, _ = _inner_gradient(problem, params, k)
-        with torch.no_grad():
-            params, states = opt.step(params, grads, states, lrs[:, k].detach(), k)
-        del grads
-    if last_grads is not None:
-        return params, states, last_grads
-    grads, _ = _inner_gradient(problem, params, t)
-    return params, states, grads
+    last_grads, ctx.last_grads = ctx.last_grads, None
+    base = (p0, s0)
+    stack: list = []
+    params, states = base
+    for op, k in revolve_plan(problem.steps, snapshots, last_kept=last_grads is not None):
+        if op == "advance":
+            grads, _ = _inner_gradient(problem, params, k)
+            with torch.no_grad():
+                params, states = opt.step(params, grads, states, lrs[:, k].detach(), k)
+            del grads
+        elif op == "store":
+            stack.append((params, states))
+        elif op == "drop":
+            stack.pop()
+        elif op == "restore":
+            params, states = stack[-1] if stack else base
+        else:  # "reverse": step k's gradient at the current state (which is state k)
+            if k == problem.steps - 1 and last_grads is not None:
+                grads, last_grads = last_grads, None
+            else:
+                grads, _ = _inner_gradient(problem, params, k)
+            yield k, params, states, grads
+            del grads
+
+
+# ------------------------------------------------------------------------------ revolve schedule
+@functools.lru_cache(maxsize=None)
+def _revolve_cost(length: int, snapshots: int, rightmost: bool) -> tuple[int, int]:
+    """(least first-order passes to reverse ``length`` steps from a restorable start state with
+    ``snapshots`` free slots, the first split achieving it; 0: no split). ``rightmost``: the
+    segment ends at the last step, whose gradient costs no pass (the forward kept it)."""
+    free = 1 if rightmost else 0
+    snapshots = min(snapshots, length - 1)  # more slots than interior states buy nothing
+    if length == 1:
+        return 1 - free, 0
+    # no slot: rebuild each step from the start state -> sum_{j < length} (j advances + 1 pass)
+    best = (length * (length + 1) // 2 - free, 0)
+    if snapshots == 0:
+        return best
+    for m in range(1, length):
+        right, _ = _revolve_cost(length - m, snapshots - 1, rightmost)
+        left, _ = _revolve_cost(m, snapshots, False)
+        cost = m + right + left
+        if cost < best[0]:
+            best = (cost, m)
+    return best
+
+
+def revolve_plan(steps: int, snapshots: int, *, last_kept: bool = False) -> list[tuple[str, int]]:
+    """The reverse walk of ``recomputed`` over ``steps`` inner steps holding at most ``snapshots``
+    intermediate states: a list of ``(op, k)``, with the current state starting at state 0:
+
+    * ``("advance", k)``: one first-order pass for g_k at the current state k, then the update to state k + 1;
+    * ``("store", k)`` / ``("drop", k)``: push the current state k / pop the newest stored one;
+    * ``("restore", k)``: the current state becomes the newest stored one (state 0 when none is stored);
+    * ``("reverse", k)``: the reverse step k at the current state k (one pass for g_k, none for the last
+      step when ``last_kept``: the forward kept its gradient).
+
+    Reverse steps come in the order T-1 .. 0. The places to store are chosen by dynamic
+    programming over the recursion "advance m steps, store, reverse the right part with one slot
+    fewer, drop, restore, reverse the left part", which is Griewank's binomial checkpointing
+    (revolve): :func:`plan_passes` is the least number of passes for the slot budget. With
+    ``snapshots=0`` every step is rebuilt from state 0 (T(T+1)/2 passes).
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps={steps!r} is invalid: allowed an integer >= 1")
+    if isinstance(snapshots, bool) or not isinstance(snapshots, int) or snapshots < 0:
+        raise ValueError(f"snapshots={snapshots!r} is invalid: allowed an integer >= 0")
+    plan: list[tuple[str, int]] = []
+
+    def walk(start: int, end: int, slots: int) -> None:
+        rightmost = last_kept and end == steps
+        _, m = _revolve_cost(end - start, slots, rightmost)
+        if m == 0:  # rebuild each step from the start state
+            for t in reversed(range(start, end)):
+                if t != end - 1:
+                    plan.append(("restore", start))
+                plan.extend(("advance", k) for k in range(start, t))
+                plan.append(("reverse", t))
+            return
+        plan.extend(("advance", k) for k in range(start, start + m))
+        plan.append(("store", start + m))
+        walk(start + m, end, slots - 1)
+        plan.append(("drop", start + m))
+        plan.append(("restore", start))
+        walk(start, start + m, slots)
+
+    walk(0, steps, snapshots)
+    return plan
+
+
+def plan_passes(plan: Sequence[tuple[str, int]], *, last_kept: bool = False) -> int:
+    """First-order passes a :func:`revolve_plan` costs (advances and reverse steps; the kept last step is free)."""
+    steps = max(k for op, k in plan if op == "reverse") + 1
+    return sum(1 for op, k in plan if op == "advance" or (op == "reverse" and not (last_kept and k == steps - 1)))
 
 
 def _update_vjp(opt: InnerOptimizer, params, states, grads, lrs_t, t, p_bar, s_bar):

@@ -333,7 +333,8 @@ class PerkModel(nn.Module):
 
     def adapt(self, segments, *, seed: int | None, context_ids: Sequence[int] | None = None) -> list[torch.Tensor]:
         """Adapted adapters [A_0, B_0, ...] of the contexts, differentiable w.r.t. the meta-parameters."""
-        result = adapt(self.inner_problem(segments, seed=seed, context_ids=context_ids), self.config.meta_grad)
+        result = adapt(self.inner_problem(segments, seed=seed, context_ids=context_ids), self.config.meta_grad,
+                       snapshots=self.config.recompute_snapshots)
         self._inner_losses = result.losses
         return result.adapters
 

@@ -50,12 +50,12 @@ def test_unrolled_peak_grows_with_steps_and_segments():
     assert _meta_step_peak("unrolled", 2, 16) > 2 * _meta_step_peak("unrolled", 2, 4)
 
 
-def _adapter_heavy_peak(meta_grad: str, steps: int, contexts: int = 3) -> tuple[int, int]:
+def _adapter_heavy_peak(meta_grad: str, steps: int, contexts: int = 3, snapshots: int = 0) -> tuple[int, int]:
     """(peak bytes, bytes of one adapter set for all contexts) with a rank large next to the model."""
     torch.manual_seed(0)
     model = tiny_gpt2(layers=2, hidden=32)
     cfg = PerkConfig(meta_grad=meta_grad, unroll="full", inner_steps=steps, inner_lr=1e-3, segment_len=32,
-                     segments_per_step=4, lora_rank=32, lm_head_chunk_size=64)
+                     segments_per_step=4, lora_rank=32, lm_head_chunk_size=64, recompute_snapshots=snapshots)
     pm = PerkModel(model, TOKENIZER, cfg)
     context = _context(4)
     adapter_bytes = contexts * sum(t.numel() * t.element_size() for t in list(pm.lora_A) + list(pm.lora_B))
@@ -75,6 +75,15 @@ def test_recomputed_peak_is_constant_in_inner_steps():
     # control: checkpointed keeps g_t, one adapter set per step, on the same measurement
     (c_small, _), (c_large, _) = _adapter_heavy_peak("checkpointed", 2), _adapter_heavy_peak("checkpointed", 12)
     assert c_large - c_small >= 8 * adapter, (c_small, c_large, adapter)
+
+
+def test_recomputed_with_snapshots_holds_its_states_and_no_more_whatever_the_steps():
+    # the revolve schedule holds at most 2 states (p, m, v: 3 adapter sets each) on top of the plain walk
+    (plain, adapter), (held, _) = _adapter_heavy_peak("recomputed", 12), _adapter_heavy_peak("recomputed", 12, snapshots=2)
+    assert held - plain <= (2 * 3 + 0.5) * adapter, (plain, held, adapter)
+    (small, _), (large, _) = _adapter_heavy_peak("recomputed", 6, snapshots=2), _adapter_heavy_peak("recomputed", 16,
+                                                                                                    snapshots=2)
+    assert large - small <= 1.5 * adapter, (small, large, adapter)  # 10 more steps: constant
 
 
 def test_peak_memory_methods_agree_on_plain_tensors_and_reject_unknown_ones():
