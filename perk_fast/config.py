@@ -17,7 +17,7 @@ INNER_OPTIMIZERS = ("adamw", "sgd")
 UNROLL_MODES = ("full", "truncated", "first_order")
 META_GRADS = ("checkpointed", "recomputed", "unrolled")
 LM_HEAD_LOSSES = ("chunked", "full")
-LONG_DOCUMENTS = ("split", "truncate")
+LONG_DOCUMENTS = ("split", "split_tokens", "truncate")
 DEFAULT_TARGETS = {
     "gpt2": ("c_attn", "c_proj", "c_fc"),
     "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
@@ -49,9 +49,11 @@ class PerkConfig:
     context's segments (``segments_per_step`` segments of each context per micro-batch;
     gradients of the micro-batches are summed). A document longer than ``segment_len``
     tokens (None: the tokenizer's ``model_max_length``) is, with ``long_documents='split'``,
-    cut into several segments that each repeat its ``doc_i:`` prefix (nothing is lost), or with
-    ``'truncate'`` kept as one row cut at ``segment_len`` (the reference's behaviour; a warning
-    says when a document is cut).
+    cut at sentence ends into several segments that each repeat its ``doc_i:`` prefix (nothing is
+    lost, and a sentence is cut only when it alone exceeds a segment), with ``'split_tokens'``
+    cut into consecutive pieces anywhere (what 'split' did before sentence packing: a fact can
+    straddle two segments), or with ``'truncate'`` kept as one row cut at ``segment_len`` (the
+    reference's behaviour; a warning says when a document is cut).
     ``unroll`` chooses how meta-gradients flow through the inner loop: ``full``
     (second order through every step), ``truncated`` (first order before
     ``unroll_start``), ``first_order``. ``meta_grad`` chooses how they are computed:

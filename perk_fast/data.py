@@ -20,6 +20,7 @@ This module turns text into tensors and nothing more: it knows tokenizers, not m
 from __future__ import annotations
 
 import random
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -98,6 +99,46 @@ def leading_special_ids(tokenizer: Any) -> list[int]:
     return []
 
 
+LONG_DOCUMENT_MODES = ("split", "split_tokens", "truncate")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def _document_pieces(tokenizer: Any, text: str, eos: int, room: int, mode: str) -> list[list[int]]:
+    """The token pieces of one document, each <= ``room`` tokens, EOS at the end of the last.
+
+    ``split``: whole sentences packed greedily into pieces (a sentence is never cut unless it alone
+    exceeds ``room``, and then into token pieces), so that a fact stays in one piece with its
+    subject. ``split_tokens``: consecutive ``room``-token pieces, cut anywhere. ``truncate``: one
+    piece, the head."""
+    body = _token_ids(tokenizer, " " + text) + [eos]
+    if len(body) <= room:
+        return [body]
+    if mode == "truncate":
+        return [body[:room]]
+    if mode == "split_tokens":
+        return [body[start : start + room] for start in range(0, len(body), room)]
+    sentences = [part for part in _SENTENCE_END.split(text.strip()) if part]
+    pieces: list[list[int]] = []
+    current: list[int] = []
+    for k, sentence in enumerate(sentences):
+        ids = _token_ids(tokenizer, " " + sentence) + ([eos] if k == len(sentences) - 1 else [])
+        if len(current) + len(ids) <= room:
+            current += ids
+            continue
+        if current:
+            pieces.append(current)
+        current = []
+        if len(ids) <= room:
+            current = ids
+        else:  # one sentence longer than a segment: token pieces, the last one open for what follows
+            chunks = [ids[start : start + room] for start in range(0, len(ids), room)]
+            pieces.extend(chunks[:-1])
+            current = chunks[-1]
+    if current:
+        pieces.append(current)
+    return pieces
+
+
 def build_segments(
     tokenizer: Any, context: Any, segment_len: int, rng: random.Random | None = None, where: str = "context",
     long_documents: str = "split",
@@ -105,13 +146,17 @@ def build_segments(
     """Tokenise a context into label-masked ``doc_i:`` segments of <= ``segment_len`` tokens.
 
     ``rng`` given: doc ids are a random permutation (training); else 0..N-1. A document longer
-    than a segment is split into pieces that each repeat the prefix (``long_documents='split'``)
-    or kept as one row cut at ``segment_len`` (``'truncate'``, the reference's behaviour: its tail
-    and EOS are lost; a warning names the cut documents). Rows start with the tokenizer's leading
+    than a segment is, with ``long_documents='split'``, cut at sentence ends into pieces that each
+    repeat the prefix (whole sentences packed into each piece: a fact is not separated from its
+    subject; only a sentence longer than a segment is cut inside), with ``'split_tokens'`` cut into
+    consecutive pieces anywhere (nothing lost, but a sentence may straddle two pieces), or with
+    ``'truncate'`` kept as one row cut at ``segment_len`` (the reference's behaviour: its tail and
+    EOS are lost; a warning names the cut documents). Rows start with the tokenizer's leading
     special tokens (:func:`leading_special_ids`), label-masked like the prefix.
     """
-    if long_documents not in ("split", "truncate"):
-        raise ValueError(f"long_documents={long_documents!r} is invalid: allowed 'split', 'truncate'")
+    if long_documents not in LONG_DOCUMENT_MODES:
+        raise ValueError(f"long_documents={long_documents!r} is invalid: allowed "
+                         + ", ".join(repr(m) for m in LONG_DOCUMENT_MODES))
     docs = as_documents(context, where)
     eos = eos_id(tokenizer)
     lead = leading_special_ids(tokenizer)
@@ -121,18 +166,17 @@ def build_segments(
     segments, cut = [], []
     for index, (doc_id, text) in enumerate(zip(doc_ids, docs)):
         prefix = lead + _token_ids(tokenizer, f"doc_{doc_id}:")
-        body = _token_ids(tokenizer, " " + text) + [eos]
         room = segment_len - len(prefix)
         if room < 1:
             raise ValueError(
                 f"segment_len={segment_len} leaves no room after the {len(prefix)}-token prefix 'doc_{doc_id}:'"
             )
+        pieces = _document_pieces(tokenizer, text, eos, room, long_documents)
         if long_documents == "truncate":
-            if len(body) > room:
-                cut.append(f"{where}[{index}] ({len(prefix) + len(body)} tokens)")
-            body = body[:room]
-        for start in range(0, len(body), room):
-            piece = body[start : start + room]
+            n_body = len(_token_ids(tokenizer, " " + text)) + 1
+            if n_body > room:
+                cut.append(f"{where}[{index}] ({len(prefix) + n_body} tokens)")
+        for piece in pieces:
             segments.append((prefix + piece, [IGNORE] * len(prefix) + piece))
     if cut:
         warnings.warn(f"{len(cut)} document(s) longer than segment_len={segment_len} were cut (their tail is not "

@@ -236,6 +236,48 @@ def test_segments_are_split_and_prefix_masked():
     assert sum(1 for ids, _ in segs.segments if ids[-1] == TOKENIZER.eos_token_id) == 2
 
 
+def _piece_texts(segs, n_prefix):
+    return [TOKENIZER.decode([t for t in ids[n_prefix:] if t != TOKENIZER.eos_token_id]) for ids, _ in segs.segments]
+
+
+def test_long_documents_are_split_at_sentence_ends_so_no_fact_straddles_two_segments():
+    from perk_fast.tasks import generate
+
+    n_prefix = len(TOKENIZER.encode("doc_0:"))
+    for ex in generate("needle", 6, seed="split", context_tokens=400, doc_tokens=200, n_distractors=3):
+        for split_len in (48, 64, 100):
+            segs = build_segments(TOKENIZER, ex.context, segment_len=split_len)
+            assert all(len(ids) <= split_len for ids, _ in segs.segments)
+            texts = " ".join(_piece_texts(segs, n_prefix))
+            for doc in ex.context:
+                for sentence in doc.split(". "):
+                    sentence = sentence.rstrip(".")
+                    # every sentence (every fact) lies whole inside one piece
+                    assert any(sentence in piece for piece in _piece_texts(segs, n_prefix)), (split_len, sentence)
+            assert sum(len(d) for d in ex.context) <= len(texts)  # nothing lost
+            assert sum(1 for ids, _ in segs.segments if ids[-1] == TOKENIZER.eos_token_id) == len(ex.context)
+    # the token split (the older behaviour) cuts a fact
+    doc = "Some filler words here. The secret code of Fred is 1251. More filler follows it."
+    cut = build_segments(TOKENIZER, [doc], segment_len=40, long_documents="split_tokens")
+    assert not any("The secret code of Fred is 1251" in t for t in _piece_texts(cut, n_prefix))
+    whole = build_segments(TOKENIZER, [doc], segment_len=40)
+    assert any("The secret code of Fred is 1251." in t for t in _piece_texts(whole, n_prefix))
+
+
+def test_a_sentence_longer_than_a_segment_is_cut_inside_and_nothing_is_lost():
+    doc = "Short one. " + "y" * 70 + ". Tail sentence here."
+    segs = build_segments(TOKENIZER, [doc], segment_len=30)
+    n_prefix = len(TOKENIZER.encode("doc_0:"))
+    assert all(len(ids) <= 30 for ids, _ in segs.segments)
+    body = [t for ids, _ in segs.segments for t in ids[n_prefix:]]
+    assert TOKENIZER.decode([t for t in body if t != TOKENIZER.eos_token_id]).replace(" ", "") == doc.replace(" ", "")
+    assert body[-1] == TOKENIZER.eos_token_id and body.count(TOKENIZER.eos_token_id) == 1
+    with pytest.raises(ValueError, match="long_documents='pieces' is invalid: allowed 'split', 'split_tokens'"):
+        build_segments(TOKENIZER, [doc], segment_len=30, long_documents="pieces")
+    with pytest.raises(ValueError, match="PerkConfig.long_documents='pieces' is invalid"):
+        PerkConfig(long_documents="pieces")
+
+
 # ---------------------------------------------------------------- training
 def _kv_task(n, seed):
     import random
