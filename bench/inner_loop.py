@@ -9,9 +9,10 @@
                 replay (DESIGN.md section 3), flat in the number of segments, one adapter-sized
                 tensor (the inner gradient) per step
   recomputed    perk_fast, PerkConfig(meta_grad="recomputed"): as checkpointed, but the inner
-                gradients are recomputed in the reverse walk: constant in T, T(T+1)/2 extra
-                first-order passes (not in the default --modes; e.g. --sweep steps --modes
-                reference,checkpointed,recomputed)
+                gradients are recomputed in the reverse walk along a binomial (revolve) schedule
+                holding ``--snapshots`` states: constant in T (0 snapshots: T(T+1)/2 extra
+                first-order passes; 2, the default: 2T - 2 at T = 4, 48 at T = 16) (not in the default
+                --modes; e.g. --sweep steps --modes reference,checkpointed,recomputed)
 
 Same model, data, meta-parameters and seed for every mode. Per mode: peak memory of one meta-step,
 median time of ``--repeats`` warm steps, both as ratios to the reference, and the largest relative
@@ -482,6 +483,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--unroll", default="full", choices=["full", "truncated", "first_order"])
     ap.add_argument("--unroll-start", type=int, default=None, help="truncated: first second-order step (default T/2)")
     ap.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+    ap.add_argument("--snapshots", type=int, default=PerkConfig.recompute_snapshots,
+                    help="states the recomputed mode's revolve schedule may hold (0: rebuild every step from p_0)")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float64"],
                     help="base model dtype (default float32 on CPU, bfloat16 on CUDA)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -520,6 +523,7 @@ def perk_config(args, steps: int) -> PerkConfig:
         inner_steps=steps, inner_lr=1e-3, inner_optimizer=args.optimizer, unroll=args.unroll,
         unroll_start=min(unroll_start, steps), segment_len=args.segment_len,
         segments_per_step=args.segments_per_step, lora_rank=args.rank, lora_alpha=args.alpha, seed=0,
+        recompute_snapshots=args.snapshots,
     )
 
 
@@ -540,6 +544,7 @@ def main(argv=None) -> None:
     base = {"preset": args.preset, "dtype": args.dtype, "contexts": args.contexts, "segments": args.segments,
             "segment_len": args.segment_len, "segments_per_step": args.segments_per_step, "rank": args.rank,
             "alpha": args.alpha, "unroll": args.unroll, "optimizer": args.optimizer, "repeats": args.repeats,
+            "recompute_snapshots": args.snapshots,
             "modes": args.modes, "cpu_mem": args.cpu_mem if args.device == "cpu" else None, "n_params": sum(p.numel() for p in hf_model.parameters())}
 
     if args.sweep is None:
