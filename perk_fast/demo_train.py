@@ -116,6 +116,10 @@ class DemoRecipe:
     mix: tuple[str, ...] | None = None
     doc_mix: tuple[int, ...] | None = None
     eval_tasks: tuple[str, ...] | None = None
+    # curriculum: the first ``warmup_meta_steps`` meta-steps draw from ``warmup_mix`` (task specs, cycled
+    # like ``mix``, over the same document sizes); the rest from ``mix`` / ``distractors``
+    warmup_mix: tuple[str, ...] | None = None
+    warmup_meta_steps: int = 0
     eval_doc_tokens: int | None = None
     eval_lengths: tuple[int, ...] = (256, 1024)
     eval_positions: tuple[str, ...] = ("pre", "mid", "post")
@@ -174,7 +178,14 @@ class DemoRecipe:
         if not self.distractors or any(not isinstance(d, int) or d < 0 for d in self.distractors):
             raise ValueError(f"DemoRecipe.distractors={self.distractors!r} is invalid: allowed a non-empty tuple "
                              "of integers >= 0")
-        for name in ("mix", "eval_tasks"):
+        if isinstance(self.warmup_meta_steps, bool) or not isinstance(self.warmup_meta_steps, int) or not (
+                0 <= self.warmup_meta_steps < self.meta_steps):
+            raise ValueError(f"DemoRecipe.warmup_meta_steps={self.warmup_meta_steps!r} is invalid: allowed an integer "
+                             f"in [0, meta_steps={self.meta_steps})")
+        if (self.warmup_mix is None) != (self.warmup_meta_steps == 0):
+            raise ValueError(f"DemoRecipe.warmup_mix={self.warmup_mix!r} and warmup_meta_steps="
+                             f"{self.warmup_meta_steps} disagree: give both (a curriculum) or neither")
+        for name in ("mix", "eval_tasks", "warmup_mix"):
             specs = getattr(self, name)
             if specs is not None:
                 if not specs:
@@ -299,6 +310,17 @@ def task_examples(recipe: DemoRecipe, n: int, seed: str, context_tokens: int | N
 
 
 # ----------------------------------------------------------------------------- stage 1
+def training_examples(recipe: DemoRecipe) -> list:
+    """The PERK stage's examples in visiting order, ``meta_batch`` per step: ``warmup_meta_steps``
+    steps of the curriculum's ``warmup_mix`` (its own seed stream), then the recipe's tasks."""
+    warm = recipe.warmup_meta_steps * recipe.meta_batch
+    rest = task_examples(recipe, recipe.meta_steps * recipe.meta_batch - warm, SEEDS["train"])
+    if not warm:
+        return rest
+    return _mixed_examples(dataclasses.replace(recipe, mix=recipe.warmup_mix), warm, SEEDS["train"] + "/warmup",
+                           recipe.train_len) + rest
+
+
 def lm_rows(recipe: DemoRecipe, tokenizer: ByteTokenizer) -> list[list[int]]:
     """Context segments of the LM corpus, as PERK's inner loop sees them (random doc ids)."""
     segment_len = recipe.perk["segment_len"]
@@ -444,7 +466,7 @@ def _rank_worker(rank: int, world: int, port: int, tmp: str, recipe_dict: dict) 
 def recipe_from_dict(fields: dict) -> DemoRecipe:
     """A DemoRecipe from its ``to_dict()`` (lists become tuples again)."""
     fields = dict(fields)
-    for key in ("distractors", "eval_lengths", "eval_positions", "mix", "doc_mix", "eval_tasks"):
+    for key in ("distractors", "eval_lengths", "eval_positions", "mix", "doc_mix", "eval_tasks", "warmup_mix"):
         if fields.get(key) is not None:
             fields[key] = tuple(fields[key])
     return DemoRecipe(**fields)
@@ -540,7 +562,7 @@ def train(recipe: DemoRecipe, out_dir: str, log=_print, eval_dir: str | None = N
     times["lm_s"] = time.perf_counter() - t
     n_params = sum(p.numel() for p in base.parameters())
 
-    dataset = task_examples(recipe, recipe.meta_steps * recipe.meta_batch, SEEDS["train"])
+    dataset = training_examples(recipe)
     dev = task_examples(recipe, recipe.dev_n, SEEDS["dev"])
 
     log(f"[2/3] PERK meta-training: {recipe.meta_steps} steps x {recipe.meta_batch} contexts "
@@ -647,6 +669,15 @@ def _parse(argv=None) -> tuple[DemoRecipe, str, str | None, str | None, bool]:
     ap.add_argument("--distractors", default=",".join(map(str, recipe.distractors)),
                     help="distractor-needle counts cycled through the training examples, e.g. 0,1,2,3")
     ap.add_argument("--eval-seed", default=recipe.eval_seed, help="seed of the held-out evaluation data")
+    for name, what in (("mix", "task specs cycled through the training examples, e.g. needle:0,needle:3,qa1"),
+                       ("eval_tasks", "task specs of the evaluation tables"),
+                       ("warmup_mix", "curriculum: task specs of the first --warmup-meta-steps meta-steps")):
+        value = getattr(recipe, name)
+        ap.add_argument("--" + name.replace("_", "-"), default=None if value is None else ",".join(value), help=what)
+    ap.add_argument("--doc-mix", default=None if recipe.doc_mix is None else ",".join(map(str, recipe.doc_mix)),
+                    help="document sizes (bytes) cycled through the examples of a mix, e.g. 64,128,256")
+    ap.add_argument("--warmup-meta-steps", type=int, default=recipe.warmup_meta_steps,
+                    help="curriculum: meta-steps drawn from --warmup-mix before the recipe's tasks (0: none)")
     ap.add_argument("--perk", default="{}", help="JSON dict of PerkConfig fields overriding the recipe's")
     ap.add_argument("--checkpoint-dir", default=None,
                     help="PERK-stage checkpoints every 100 steps (checkpoint-dir/last); with --resume, continue there")
@@ -656,6 +687,9 @@ def _parse(argv=None) -> tuple[DemoRecipe, str, str | None, str | None, bool]:
     changes = {k: v for k, v in vars(args).items()
                if k not in ("out", "perk", "eval_out", "recipe", "checkpoint_dir", "resume")}
     changes["distractors"] = tuple(int(x) for x in args.distractors.split(","))
+    for name in ("mix", "eval_tasks", "warmup_mix"):
+        changes[name] = None if not changes[name] else tuple(changes[name].split(","))
+    changes["doc_mix"] = None if not changes["doc_mix"] else tuple(int(x) for x in changes["doc_mix"].split(","))
     perk = dict(recipe.perk, **json.loads(args.perk))
     eval_out = args.eval_out
     if eval_out is None and os.path.abspath(args.out) == os.path.abspath(ASSETS_DIR):

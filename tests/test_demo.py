@@ -2,6 +2,8 @@
 are reproduced. Missing assets fail these tests (they are part of the package), never skip them."""
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import shutil
@@ -106,6 +108,32 @@ def test_recipe_rejects_bad_values_by_name():
         with pytest.raises(ValueError, match=f"DemoRecipe.{name}="):
             DemoRecipe(**bad)
     DemoRecipe(base_lr=0.0, eval_n=0, icr_long_steps=0)  # frozen base, no evaluation, no long baseline
+
+
+def test_curriculum_puts_its_warmup_tasks_first_and_is_checked():
+    from perk_fast.demo_train import RECIPES, _parse, training_examples
+
+    recipe = dataclasses.replace(RECIPES["multi"], meta_steps=6, meta_batch=4, warmup_mix=("needle:0",),
+                                 warmup_meta_steps=2)
+    examples = training_examples(recipe)
+    assert len(examples) == 24
+    assert all(e.meta["task"] == "needle" and e.question.count("code") == 1 for e in examples[:8])
+    assert all(len(demo.context_needles(e.context)) == 1 for e in examples[:8])
+    assert {e.meta["task"] for e in examples[8:]} == {"needle", "qa1", "qa2", "records_recall"}
+    # the tasks after the warmup are those the recipe alone would draw (the same seed stream)
+    plain = training_examples(dataclasses.replace(recipe, warmup_mix=None, warmup_meta_steps=0))
+    assert [e.question for e in examples[8:]] == [e.question for e in plain[:16]]
+    with pytest.raises(ValueError, match="warmup_meta_steps=6 is invalid"):
+        dataclasses.replace(recipe, warmup_meta_steps=6)
+    with pytest.raises(ValueError, match="disagree"):
+        dataclasses.replace(recipe, warmup_mix=None)
+    with pytest.raises(ValueError, match="DemoRecipe.warmup_mix: task 'needl'"):
+        dataclasses.replace(recipe, warmup_mix=("needl:1",))
+    parsed, *_ = _parse(["--recipe", "needle", "--mix", "needle:0,needle:3", "--doc-mix", "64,200",
+                         "--warmup-mix", "needle:0", "--warmup-meta-steps", "10", "--eval-tasks", "needle:3"])
+    assert parsed.mix == ("needle:0", "needle:3") and parsed.doc_mix == (64, 200)
+    assert parsed.warmup_mix == ("needle:0",) and parsed.warmup_meta_steps == 10
+    assert parsed.tasks_for_eval() == ("needle:3",)
 
 
 def test_training_pipeline_end_to_end_at_toy_size(tmp_path):
