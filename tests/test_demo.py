@@ -3,7 +3,6 @@ are reproduced. Missing assets fail these tests (they are part of the package), 
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import os
 import shutil
