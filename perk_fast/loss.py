@@ -37,6 +37,16 @@ class WeightingModel(nn.Module):
         return F.softplus(self.fc2(F.gelu(self.fc1(h))).squeeze(-1), beta=3.0)
 
 
+def labelled_tokens(hidden: torch.Tensor, labels: torch.Tensor, token_weights: torch.Tensor):
+    """(hidden, labels, token_weights) restricted to the rows whose label is not -100 (unchanged when
+    every row has one). Differentiable (an index_select) to any order."""
+    keep = labels != -100
+    if bool(keep.all()):
+        return hidden, labels, token_weights
+    index = keep.nonzero().squeeze(1)
+    return hidden.index_select(0, index), labels.index_select(0, index), token_weights.index_select(0, index)
+
+
 def lm_head_loss_sum(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -50,7 +60,12 @@ def lm_head_loss_sum(
 
     hidden (N, d), weight (V, d) frozen, labels (N,), token_weights (N,). Returns a
     0-dim tensor in fp32 (fp64 when the inputs are fp64).
+
+    The LM head runs only on the labelled tokens: the others (a question's prompt, a segment's
+    ``doc_i:`` prefix, padding) are dropped first, so their logits are never computed, in the
+    forward or in either backward (the same value; on CUDA, finding them costs one host sync).
     """
+    hidden, labels, token_weights = labelled_tokens(hidden, labels, token_weights)
     if mode == "chunked":
         from .kernels.linear_ce import linear_cross_entropy
 

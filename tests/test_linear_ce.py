@@ -400,3 +400,34 @@ def test_tracker_peaks_match_the_allocator_events():
         _, allocator = peak_memory(step, method="allocator")
         tracked = _peak_loss_backward_hvp(fn, n, d, vocab, fake=False) - inputs  # the tracker counts the inputs
         assert abs(tracked - allocator) <= 0.01 * allocator, (fn.__name__, tracked, allocator)
+
+
+@pytest.mark.parametrize("mode", ["chunked", "full"])
+def test_lm_head_loss_drops_unlabelled_tokens_without_changing_value_or_derivatives(mode):
+    """lm_head_loss_sum runs the LM head on the labelled tokens only: the same loss, gradients and
+    Hessian-vector products (fp64) as full logits over every token, also when no token is labelled."""
+    from perk_fast.loss import labelled_tokens, lm_head_loss_sum
+
+    gen = torch.Generator().manual_seed(3)
+    n, d, v = 13, 6, 17
+    weight = torch.randn(v, d, dtype=torch.float64, generator=gen)
+    for labels in (torch.tensor([2, -100, 5, -100, -100, 1, 0, 16, -100, 3, 3, -100, 9]), torch.full((n,), -100)):
+        hidden = torch.randn(n, d, dtype=torch.float64, generator=gen, requires_grad=True)
+        w = torch.rand(n, dtype=torch.float64, generator=gen).requires_grad_(True)
+        ce = torch.nn.functional.cross_entropy(hidden @ weight.t(), labels, ignore_index=-100, reduction="none")
+        expected = (ce * w).sum()
+        got = lm_head_loss_sum(hidden, weight, labels, w, mode=mode, chunk_size=4)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+        probe = torch.randn(n, d, dtype=torch.float64, generator=gen)
+        derivs = []
+        for loss in (got, expected):
+            gh, gw = torch.autograd.grad(loss, [hidden, w], create_graph=True)
+            hvp = torch.autograd.grad((gh * probe).sum(), [hidden, w], allow_unused=True, materialize_grads=True)
+            derivs.append((gh, gw, *hvp))
+        for a, b in zip(*derivs):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    h, lab, tw = labelled_tokens(hidden, labels, w)
+    assert h.shape == (0, d) and lab.numel() == 0 and tw.numel() == 0
+    full = torch.arange(n) % v
+    h, lab, tw = labelled_tokens(hidden, full, w)
+    assert h is hidden and lab is full and tw is w  # nothing to drop: no copy
