@@ -158,6 +158,11 @@ class DemoRecipe:
     seed: int = 0
     threads: int = 2
     ranks: int = 1  # processes of the PERK stage (torch.distributed, gloo); 1 thread each when > 1
+    # continue an earlier run (the ``out`` folder of a finished one): its stage-1 base replaces stage 1,
+    # PERK, FT-ICR and the long FT-ICR each go on from that run's model for ``meta_steps`` /
+    # ``meta_steps`` / ``icr_long_steps`` more steps (fresh optimisers and schedules: a warm restart)
+    # on examples that continue its data stream (a seed of their own, never the earlier examples)
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         positive = ("train_len", "doc_tokens", "max_new_tokens", "hidden_size", "num_hidden_layers",
@@ -192,6 +197,9 @@ class DemoRecipe:
                     raise ValueError(f"DemoRecipe.{name}=() is invalid: allowed None or task specs")
                 for spec in specs:
                     task_spec(spec, where=f"DemoRecipe.{name}")
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from):
+            raise ValueError(f"DemoRecipe.init_from={self.init_from!r} is invalid: allowed None or the folder of "
+                             "an earlier run")
         if self.doc_mix is not None and (not self.doc_mix or any(not isinstance(d, int) or d < 8
                                                                   for d in self.doc_mix)):
             raise ValueError(f"DemoRecipe.doc_mix={self.doc_mix!r} is invalid: allowed None or integers >= 8")
@@ -310,15 +318,61 @@ def task_examples(recipe: DemoRecipe, n: int, seed: str, context_tokens: int | N
 
 
 # ----------------------------------------------------------------------------- stage 1
-def training_examples(recipe: DemoRecipe) -> list:
+def train_seed(recipe: DemoRecipe, steps_before: int = 0) -> str:
+    """The seed of the training examples: ``SEEDS["train"]``, or for a run continuing one that
+    already took ``steps_before`` meta-steps a stream of its own (``.../after-<steps>``)."""
+    return SEEDS["train"] if not steps_before else f"{SEEDS['train']}/after-{steps_before}"
+
+
+def training_examples(recipe: DemoRecipe, seed: str = SEEDS["train"]) -> list:
     """The PERK stage's examples in visiting order, ``meta_batch`` per step: ``warmup_meta_steps``
     steps of the curriculum's ``warmup_mix`` (its own seed stream), then the recipe's tasks."""
     warm = recipe.warmup_meta_steps * recipe.meta_batch
-    rest = task_examples(recipe, recipe.meta_steps * recipe.meta_batch - warm, SEEDS["train"])
+    rest = task_examples(recipe, recipe.meta_steps * recipe.meta_batch - warm, seed)
     if not warm:
         return rest
-    return _mixed_examples(dataclasses.replace(recipe, mix=recipe.warmup_mix), warm, SEEDS["train"] + "/warmup",
+    return _mixed_examples(dataclasses.replace(recipe, mix=recipe.warmup_mix), warm, seed + "/warmup",
                            recipe.train_len) + rest
+
+
+def read_earlier_run(path: str) -> dict:
+    """The ``train_report.json`` of the earlier run a recipe's ``init_from`` names, after checking
+    that the folder holds every model a continuation starts from (FileNotFoundError names what is
+    missing)."""
+    need = ["train_report.json", "tokenizer", "base", os.path.join("perk", "base"), "icr"]
+    missing = [p for p in need if not os.path.exists(os.path.join(path, p))]
+    if missing:
+        raise FileNotFoundError(f"init_from={path!r}: missing {missing} (the output folder of a finished "
+                                "`python -m perk_fast.demo_train` run holds them)")
+    with open(os.path.join(path, "train_report.json"), encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def check_continuation(recipe: DemoRecipe, earlier: dict) -> None:
+    """Raise ValueError when ``recipe`` cannot continue the run whose ``train_report.json`` is
+    ``earlier``: its model shape and memory shape must match."""
+    before = earlier["recipe"]
+    for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                 "max_position_embeddings"):
+        if before[name] != getattr(recipe, name):
+            raise ValueError(f"init_from={recipe.init_from!r}: its {name}={before[name]} differs from the "
+                             f"recipe's {getattr(recipe, name)}")
+    for name in ("lora_rank", "inner_steps", "inner_optimizer", "segment_len"):
+        if before["perk"].get(name) != recipe.perk.get(name):
+            raise ValueError(f"init_from={recipe.init_from!r}: its perk {name}={before['perk'].get(name)!r} "
+                             f"differs from the recipe's {recipe.perk.get(name)!r}")
+    if recipe.icr_long_steps and not earlier["recipe"]["icr_long_steps"]:
+        raise ValueError(f"init_from={recipe.init_from!r}: the earlier run has no long FT-ICR to continue; "
+                         "give icr_long_steps=0")
+
+
+def steps_so_far(report: dict) -> dict:
+    """Steps each system of the run behind ``report`` was trained for, its earlier runs included:
+    ``{"perk": ..., "icr": ..., "icr_long": ...}``."""
+    before = report.get("steps_before") or {"perk": 0, "icr": 0, "icr_long": 0}
+    recipe = report["recipe"]
+    return {"perk": before["perk"] + recipe["meta_steps"], "icr": before["icr"] + recipe["meta_steps"],
+            "icr_long": before["icr_long"] + recipe["icr_long_steps"]}
 
 
 def lm_rows(recipe: DemoRecipe, tokenizer: ByteTokenizer) -> list[list[int]]:
@@ -552,24 +606,47 @@ def train(recipe: DemoRecipe, out_dir: str, log=_print, eval_dir: str | None = N
         log(f"resuming the PERK stage after step {resumed_from} ({checkpoint_dir}); stage 1 runs again")
     times = {}
     t_all = time.perf_counter()
+    earlier, before = None, {"perk": 0, "icr": 0, "icr_long": 0}
+    if recipe.init_from is not None:
+        earlier = read_earlier_run(recipe.init_from)
+        check_continuation(recipe, earlier)
+        before = steps_so_far(earlier)
 
-    log(f"[1/3] base LM: Llama d={recipe.hidden_size} x {recipe.num_hidden_layers} layers, "
-        f"{recipe.lm_steps} steps")
-    t = time.perf_counter()
-    base = build_base(recipe, tokenizer)
-    lm_history = pretrain_lm(base, tokenizer, recipe, log=log)
-    round_to_fp16(base)
+    if earlier is None:
+        log(f"[1/3] base LM: Llama d={recipe.hidden_size} x {recipe.num_hidden_layers} layers, "
+            f"{recipe.lm_steps} steps")
+        t = time.perf_counter()
+        base = build_base(recipe, tokenizer)
+        lm_history = pretrain_lm(base, tokenizer, recipe, log=log)
+        round_to_fp16(base)
+    else:
+        log(f"[1/3] base LM: the stage-1 base of {recipe.init_from} (continuing after {before['perk']} PERK "
+            f"steps, {before['icr']} FT-ICR steps, {before['icr_long']} long FT-ICR steps)")
+        t = time.perf_counter()
+        base = load_base(os.path.join(recipe.init_from, "base"))
+        lm_history = []
     times["lm_s"] = time.perf_counter() - t
     n_params = sum(p.numel() for p in base.parameters())
 
-    dataset = training_examples(recipe)
+    seed = train_seed(recipe, before["perk"])
+    dataset = training_examples(recipe, seed)
     dev = task_examples(recipe, recipe.dev_n, SEEDS["dev"])
 
     log(f"[2/3] PERK meta-training: {recipe.meta_steps} steps x {recipe.meta_batch} contexts "
         f"(base {'trained jointly' if recipe.base_lr > 0 else 'frozen'})")
     t = time.perf_counter()
-    perk_base = copy.deepcopy(base)
-    perk_model = PerkModel(perk_base, tokenizer, recipe.perk_config())
+    if earlier is None:
+        perk_base = copy.deepcopy(base)
+        perk_model = PerkModel(perk_base, tokenizer, recipe.perk_config())
+    else:
+        perk_base = load_base(os.path.join(recipe.init_from, "perk", "base"))
+        # load() checks that the meta-parameters belong to this base; the recipe's PerkConfig then
+        # carries them (it may change, e.g., the unroll mode, but not their shapes: check_continuation)
+        # (on a copy of the base: one PerkModel per HF model)
+        earlier_perk = PerkModel.load(os.path.join(recipe.init_from, "perk"), copy.deepcopy(perk_base), tokenizer)
+        perk_model = PerkModel(perk_base, tokenizer, recipe.perk_config())
+        perk_model.load_meta_state({k: v.detach() for k, v in earlier_perk.named_meta_parameters()})
+        del earlier_perk
     meta_history = meta_train_joint(perk_model, dataset, recipe, dev=dev, log=log, checkpoint_dir=checkpoint_dir,
                                     resume=resume)
     for p in perk_base.parameters():
@@ -579,7 +656,7 @@ def train(recipe: DemoRecipe, out_dir: str, log=_print, eval_dir: str | None = N
 
     log(f"[3/3] FT-ICR baseline: same {recipe.meta_steps} steps x {recipe.meta_batch} examples, context in prompt")
     t = time.perf_counter()
-    icr = copy.deepcopy(base)
+    icr = copy.deepcopy(base) if earlier is None else load_base(os.path.join(recipe.init_from, "icr"))
     icr_history = finetune_in_context(icr, tokenizer, dataset, steps=recipe.meta_steps, batch_size=recipe.meta_batch,
                                       lr=recipe.icr_lr, seed=recipe.seed, progress=False)
     for p in icr.parameters():
@@ -590,8 +667,8 @@ def train(recipe: DemoRecipe, out_dir: str, log=_print, eval_dir: str | None = N
     if recipe.icr_long_steps:
         log(f"      {icr_long_name(recipe)}: {recipe.icr_long_steps} steps x {recipe.meta_batch} examples (the same ones first)")
         t = time.perf_counter()
-        icr_long = copy.deepcopy(base)
-        long_data = task_examples(recipe, recipe.icr_long_steps * recipe.meta_batch, SEEDS["train"])
+        icr_long = copy.deepcopy(base) if earlier is None else load_base(os.path.join(recipe.init_from, "icr_long"))
+        long_data = task_examples(recipe, recipe.icr_long_steps * recipe.meta_batch, seed)
         icr_long_history = finetune_in_context(icr_long, tokenizer, long_data, steps=recipe.icr_long_steps,
                                                batch_size=recipe.meta_batch, lr=recipe.icr_lr, seed=recipe.seed,
                                                progress=False)
@@ -631,7 +708,13 @@ def train(recipe: DemoRecipe, out_dir: str, log=_print, eval_dir: str | None = N
         "perk_resumed_from_step": resumed_from,
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor()
                     or platform.machine(), "cpu_count": os.cpu_count()},
-        "lm_final_loss": sum(r["loss"] for r in lm_history[-20:]) / 20,
+        "lm_final_loss": (sum(r["loss"] for r in lm_history[-20:]) / 20 if lm_history
+                          else earlier["lm_final_loss"]),
+        # a continuation (recipe.init_from): the steps of the earlier runs, and their reports' summaries
+        "steps_before": before,
+        "earlier_run": None if earlier is None else {
+            "init_from": recipe.init_from, "times_s": earlier["times_s"],
+            "perk_history": earlier["perk_history"], "eval": earlier.get("eval")},
         "perk_history": meta_history[:: max(1, len(meta_history) // 100)] + meta_history[-1:],
         "icr_final_loss": sum(r["loss"] for r in icr_history[-20:]) / 20,
         "icr_long_final_loss": (sum(r["loss"] for r in icr_long_history[-20:]) / 20) if icr_long_history else None,
@@ -679,6 +762,10 @@ def _parse(argv=None) -> tuple[DemoRecipe, str, str | None, str | None, bool]:
     ap.add_argument("--warmup-meta-steps", type=int, default=recipe.warmup_meta_steps,
                     help="curriculum: meta-steps drawn from --warmup-mix before the recipe's tasks (0: none)")
     ap.add_argument("--perk", default="{}", help="JSON dict of PerkConfig fields overriding the recipe's")
+    ap.add_argument("--init-from", default=None,
+                    help="continue an earlier run (its --out folder): its stage-1 base replaces stage 1, and PERK, "
+                         "FT-ICR and the long FT-ICR go on from its models for --meta-steps / --meta-steps / "
+                         "--icr-long-steps more steps on fresh examples")
     ap.add_argument("--checkpoint-dir", default=None,
                     help="PERK-stage checkpoints every 100 steps (checkpoint-dir/last); with --resume, continue there")
     ap.add_argument("--resume", action="store_true", help="resume the PERK stage from --checkpoint-dir (stage 1 is "

@@ -196,3 +196,54 @@ def test_resume_without_a_checkpoint_fails_before_any_training(tmp_path):
     assert lines == [] and not (tmp_path / "out").exists()  # stage 1 never started
     with pytest.raises(ValueError, match="checkpoint_dir"):
         train(RECIPES["needle"], str(tmp_path / "out"), log=lines.append, resume=True)
+
+
+def test_a_continuation_starts_from_the_earlier_run_on_fresh_examples(tmp_path):
+    """--init-from: stage 1 is the earlier run's base, PERK goes on from its meta-parameters (with a
+    near-zero learning rate they stay put, while a fresh memory would not), the examples are new, the
+    step counts add up over a chain of runs; a missing folder or a different model is refused by name
+    before any training."""
+    from perk_fast.demo_train import RECIPES, load_base, main as train_main, train, train_seed, training_examples
+    from perk_fast.io import load_tensors
+    from perk_fast.model import PerkModel
+    from perk_fast.tokenizer import ByteTokenizer
+
+    toy = ["--recipe", "needle", "--lm-contexts", "16", "--lm-batch", "4", "--lm-steps", "2", "--meta-batch", "2",
+           "--dev-n", "2", "--dev-every", "1", "--eval-n", "0", "--threads", str(torch.get_num_threads())]
+    first, second, third = (str(tmp_path / n) for n in ("first", "second", "third"))
+    train_main(toy + ["--out", first, "--meta-steps", "2", "--icr-long-steps", "4"])
+    frozen = ["--meta-lr", "1e-12", "--lr-lr", "1e-12", "--base-lr", "0", "--icr-lr", "1e-12"]
+    report = train_main(toy + frozen + ["--out", second, "--meta-steps", "1", "--icr-long-steps", "2",
+                                        "--init-from", first])
+    assert report["steps_before"] == {"perk": 2, "icr": 2, "icr_long": 4}
+    assert report["earlier_run"]["init_from"] == first and report["recipe"]["init_from"] == first
+    before = load_tensors(os.path.join(first, "perk"), "meta_parameters.safetensors")
+    after = load_tensors(os.path.join(second, "perk"), "meta_parameters.safetensors")
+    fresh = PerkModel(load_base(os.path.join(first, "base")), ByteTokenizer(), RECIPES["needle"].perk_config())
+    fresh_state = {k: v.detach() for k, v in fresh.named_meta_parameters()}
+    assert before.keys() == after.keys()
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], atol=1e-6, rtol=0)
+    moved = [n for n in before if n in fresh_state and not torch.allclose(fresh_state[n], before[n], atol=1e-6)]
+    assert moved, "the earlier run's meta-parameters equal a fresh memory's: the check above proves nothing"
+    for name in ("base", "icr"):  # same weights as the earlier run's (a zero / near-zero learning rate)
+        a = load_tensors(os.path.join(first, name), "model.safetensors")
+        b = load_tensors(os.path.join(second, name), "model.safetensors")
+        assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-3) for k in a)
+    recipe = dataclasses.replace(RECIPES["needle"], meta_steps=2, meta_batch=2)
+    old = {tuple(e.context) for e in training_examples(recipe)}
+    new = {tuple(e.context) for e in training_examples(recipe, train_seed(recipe, 2))}
+    assert train_seed(recipe, 0) != train_seed(recipe, 2) and not old & new
+    report3 = train_main(toy + ["--out", third, "--meta-steps", "1", "--icr-long-steps", "0", "--init-from", second])
+    assert report3["steps_before"] == {"perk": 3, "icr": 3, "icr_long": 6}
+
+    lines = []
+    with pytest.raises(FileNotFoundError, match="missing"):
+        train(dataclasses.replace(RECIPES["needle"], init_from=str(tmp_path / "nowhere")), str(tmp_path / "x"),
+              log=lines.append)
+    with pytest.raises(ValueError, match="hidden_size"):
+        train(dataclasses.replace(RECIPES["needle"], init_from=first, hidden_size=32), str(tmp_path / "x"),
+              log=lines.append)
+    with pytest.raises(ValueError, match="init_from"):
+        DemoRecipe(init_from="")
+    assert lines == [] and not (tmp_path / "x").exists()
