@@ -232,8 +232,8 @@ def test_a_continuation_starts_from_the_earlier_run_on_fresh_examples(tmp_path):
         assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-3) for k in a)
     recipe = dataclasses.replace(RECIPES["needle"], meta_steps=2, meta_batch=2)
     old = {tuple(e.context) for e in training_examples(recipe)}
-    new = {tuple(e.context) for e in training_examples(recipe, train_seed(recipe, 2))}
-    assert train_seed(recipe, 0) != train_seed(recipe, 2) and not old & new
+    new = {tuple(e.context) for e in training_examples(recipe, train_seed(2))}
+    assert train_seed(0) != train_seed(2) and not old & new
     report3 = train_main(toy + ["--out", third, "--meta-steps", "1", "--icr-long-steps", "0", "--init-from", second])
     assert report3["steps_before"] == {"perk": 3, "icr": 3, "icr_long": 6}
 
@@ -243,6 +243,9 @@ def test_a_continuation_starts_from_the_earlier_run_on_fresh_examples(tmp_path):
               log=lines.append)
     with pytest.raises(ValueError, match="hidden_size"):
         train(dataclasses.replace(RECIPES["needle"], init_from=first, hidden_size=32), str(tmp_path / "x"),
+              log=lines.append)
+    with pytest.raises(ValueError, match="no long FT-ICR"):
+        train(dataclasses.replace(RECIPES["needle"], init_from=third, hidden_size=64), str(tmp_path / "x"),
               log=lines.append)
     with pytest.raises(ValueError, match="init_from"):
         DemoRecipe(init_from="")
