@@ -3,7 +3,8 @@
     python bench/demo_icr_lr.py                       # lrs 3e-4,1e-3,3e-3,1e-2; PERK's budget
     python bench/demo_icr_lr.py --steps 3000 --lrs 1e-3
 
-Each learning rate fine-tunes a fresh copy of the shipped stage-1 base (``assets/demo/base``) with
+Each learning rate fine-tunes a fresh copy of the single-needle stage-1 base
+(``bench/results/demo_needle/assets/base``, the model shipped before the binding chain) with
 the context in its prompt on the demo's training examples (``steps`` x ``meta_batch``, the same
 examples and schedule as ``python -m perk_fast.demo_train``), then scores exact match on the dev
 seed (never the held-out evaluation seed) at the training length and 4x it, needle in the middle.
@@ -20,7 +21,7 @@ import time
 import torch
 
 from perk_fast.demo import load_demo
-from perk_fast.demo_train import ASSETS_DIR, SEEDS, load_base, task_examples
+from perk_fast.demo_train import SEEDS, load_base, task_examples
 from perk_fast.evaluate import evaluate_in_context, finetune_in_context
 from perk_fast.tasks import generate
 
@@ -31,7 +32,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=None, help="default: the recipe's meta_steps (PERK's budget)")
     ap.add_argument("-n", type=int, default=48, help="dev examples per length")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--assets", default=ASSETS_DIR)
+    # the single-needle model this check was written for (shipped until the binding chain replaced it)
+    ap.add_argument("--assets", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                     "demo_needle", "assets"))
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                    "demo_icr_lr.json"))
     args = ap.parse_args(argv)

@@ -1,11 +1,24 @@
 """Train the demo model shipped in ``perk_fast/assets/demo`` (CPU, seeded, reproducible).
 
-    python -m perk_fast.demo_train                 # the shipped recipe, writes perk_fast/assets/demo
-    python -m perk_fast.demo_train --out /tmp/x    # same recipe elsewhere
-    python -m perk_fast.demo_train --meta-steps 300 --eval-n 16 --out /tmp/x   # a quick look
+    python -m perk_fast.demo_train                 # the shipped chain (binding), writes perk_fast/assets/demo
+    python -m perk_fast.demo_train --checkpoint-dir C --resume   # go on where an interrupted chain stopped
+    python -m perk_fast.demo_train --recipe needle --out /tmp/x  # one run of a recipe (needle, multi)
+    python -m perk_fast.demo_train --recipe needle --meta-steps 300 --eval-n 16 --out /tmp/x   # a quick look
 
-Three stages, every one from the seeded generators of :mod:`perk_fast.tasks` (needle in a haystack,
-contexts of ``train_len`` byte tokens, fact anywhere):
+The shipped model is the end of a *chain* of runs (``CHAINS["binding"]``): needles among 0 to 7 other
+people's codes (one asked) over documents shorter and longer than a segment, a d=96 Llama (265 k
+weights), rank-16 memory, meta-trained on 2 gloo processes. A curriculum run (single needles for its
+first 300 steps) and three continuations of it (``init_from``, 0.3x the learning rates), 4,500
+meta-steps in all, about 2.5 hours of training on 2 cores (151 min recorded). Each stage is an
+ordinary run (below); the chain writes the first three under ``bench/results/demo_chain/binding``
+(``--work-dir``), skips a stage already finished there, and ends with the final held-out evaluation
+(seed ``demo-final``, 100 examples per cell, stored as ``final_eval`` in ``train_report.json``; the
+predictions in ``bench/results/demo_eval``). The shipped files come from the recorded runs of
+``bench/results/demo_curriculum{,2,3,4}`` (``--adopt``: recipes checked stage by stage, no retraining).
+
+One run has three stages, every one from the seeded generators of :mod:`perk_fast.tasks` (here as
+for ``--recipe needle``, the single-needle model shipped before the chain, now in
+``bench/results/demo_needle``: needle in a haystack, contexts of ``train_len`` byte tokens, fact anywhere):
 
 1. **Base LM.** A small Llama-shaped causal LM (d=64, 2 layers, RoPE, byte tokenizer, 124 k
    weights) learns the task's language as a plain language model on context segments
@@ -33,22 +46,22 @@ contexts of ``train_len`` byte tokens, fact anywhere):
    PERK's 546 s on 2 cores): it does learn to read the code from its prompt at ``train_len``
    (100 %), which makes it the stronger baseline there, but not at 4x that length (0-2 %).
 
-Run time of the shipped recipe on 2 CPU cores: 16.8 min of training (LM 21 s, PERK 546 s, FT-ICR
+Run time of the single-needle recipe on 2 CPU cores: 16.8 min of training (LM 21 s, PERK 546 s, FT-ICR
 36 s, FT-ICR 10x 407 s) and 65 s of held-out evaluation; a rerun on the same machine reproduced
-the shipped base, PERK base and meta-parameters bit for bit.
+that model's base, PERK base and meta-parameters bit for bit.
 
 Held-out evaluation (seeds never used above) at ``train_len`` and 4x it, needle pre/mid/post, for
 PERK, plain test-time training on the stage-1 base (a fresh PerkModel: no meta-learning) and
 FT-ICR. Base weights are stored in fp16 (and rounded to fp16 *before* the final evaluation, so the
-numbers are those of the shipped files); meta-parameters stay fp32. ``train_report.json`` holds the
+numbers are those of the saved files); meta-parameters stay fp32. ``train_report.json`` holds the
 recipe, the stage times and the numbers; ``eval/`` the held-out predictions and ``sweep.png``.
 
-Limit: the memory holds *a* code, not a code per person. The shipped model (single needles only)
+Limit of that model: the memory holds *a* code, not a code per person. The single-needle model
 answers the code in its memory whoever is asked about, so contexts with other people's codes in
 them are answered at about chance (``python bench/demo_heldout.py``). An earlier run of this
 script trained on ``--distractors 0,1,2,3`` (2000 steps) did not learn to tell the needles apart
 either (dev EM 47 / 38 / 19 % with 1 / 2 / 3 other needles, about chance), while single needles
-stayed at 100 %; that run was not repeated with the shipped recipe.
+stayed at 100 %; the binding chain (above) is what teaches it.
 
 The multi-task experiment (``--recipe multi``, not the shipped model; its run, models, checkpoint and
 numbers are in ``bench/results/demo_multi``): a d=96 model (265 k weights) meta-trained on a cycle of
@@ -98,14 +111,15 @@ ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", 
 # held-out predictions of the shipped run live with the other results of the repository, not in the package
 SHIPPED_EVAL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "results",
                                 "demo_eval")
-ICR_LONG = "FT-ICR 10x"  # the name of the long FT-ICR baseline with the shipped recipe
+ICR_LONG = "FT-ICR 10x"  # the name of the long FT-ICR baseline with the single-needle recipe
 
 
 def icr_long_name(recipe: "DemoRecipe") -> str:
     """Table name of the long FT-ICR baseline: ``FT-ICR <k>x`` with k = icr_long_steps / meta_steps."""
     k = recipe.icr_long_steps / recipe.meta_steps
     return f"FT-ICR {k:g}x"
-SEEDS = {"lm": "demo-lm", "train": "demo-train", "dev": "demo-dev", "eval": "demo-eval"}
+# "final": the shipped model's held-out numbers (``final_evaluation``), a seed no run or recipe choice has seen
+SEEDS = {"lm": "demo-lm", "train": "demo-train", "dev": "demo-dev", "eval": "demo-eval", "final": "demo-final"}
 
 
 @dataclass
@@ -720,7 +734,8 @@ def train(recipe: DemoRecipe, out_dir: str, log=_print, eval_dir: str | None = N
         "steps_before": before,
         "earlier_run": None if earlier is None else {
             "init_from": recipe.init_from, "times_s": earlier["times_s"],
-            "perk_history": earlier["perk_history"], "eval": earlier.get("eval")},
+            "perk_history": earlier["perk_history"], "eval": earlier.get("eval"),
+            "earlier_run": earlier.get("earlier_run")},
         "perk_history": meta_history[:: max(1, len(meta_history) // 100)] + meta_history[-1:],
         "icr_final_loss": sum(r["loss"] for r in icr_history[-20:]) / 20,
         "icr_long_final_loss": (sum(r["loss"] for r in icr_long_history[-20:]) / 20) if icr_long_history else None,
@@ -736,15 +751,46 @@ def train(recipe: DemoRecipe, out_dir: str, log=_print, eval_dir: str | None = N
     return report
 
 
-def _parse(argv=None) -> tuple[DemoRecipe, str, str | None, str | None, bool]:
+@dataclass(frozen=True)
+class ChainArgs:
+    """The command line of a chain (``--recipe binding``): where it writes, and how it resumes."""
+
+    name: str
+    out: str
+    eval_out: str | None
+    work_dir: str | None
+    checkpoint_dir: str | None
+    resume: bool
+    final_n: int
+    adopt: tuple[str, ...] | None = None
+
+
+_CHAIN_ONLY = ("work_dir", "final_n", "adopt")
+_RUN_ARGS = ("out", "eval_out", "recipe", "checkpoint_dir", "resume") + _CHAIN_ONLY
+
+
+def _parse(argv=None) -> "tuple[DemoRecipe, str, str | None, str | None, bool] | ChainArgs":
+    names = sorted(RECIPES) + sorted(CHAINS)
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--recipe", default="needle", choices=sorted(RECIPES))
+    pre.add_argument("--recipe", default=SHIPPED_CHAIN, choices=names)
     chosen, _ = pre.parse_known_args(argv)
-    recipe = RECIPES[chosen.recipe]
+    is_chain = chosen.recipe in CHAINS
+    recipe = CHAINS[chosen.recipe][-1].recipe if is_chain else RECIPES[chosen.recipe]
     ap = argparse.ArgumentParser(prog="python -m perk_fast.demo_train", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--recipe", default="needle", choices=sorted(RECIPES),
-                    help="needle: the shipped single-needle model (default); multi: the multi-task experiment "
-                         "(bench/results/demo_multi)")
+    ap.add_argument("--recipe", default=SHIPPED_CHAIN, choices=names,
+                    help=f"{SHIPPED_CHAIN} (default): the shipped model, a chain of {len(CHAINS[SHIPPED_CHAIN])} runs "
+                         "(needles among other people's codes); needle: the earlier single-needle model; multi: the "
+                         "multi-task experiment (bench/results/demo_multi)")
+    ap.add_argument("--work-dir", default=None,
+                    help="a chain's stages but the last (default bench/results/demo_chain/NAME for the shipped "
+                         "assets, OUT/stages otherwise); finished stages there are not trained again")
+    ap.add_argument("--final-n", type=int, default=FINAL_EVAL_N,
+                    help=f"a chain: examples per cell of the final held-out evaluation (seed {SEEDS['final']!r}; "
+                         "0 skips it)")
+    ap.add_argument("--adopt", default=None,
+                    help="a chain: comma-separated folders of runs already trained, one per stage in order; checks "
+                         "their recipes, copies the last one's models to --out and runs the final evaluation "
+                         "(no training)")
     ap.add_argument("--out", default=ASSETS_DIR, help="output directory (default: the shipped assets)")
     ap.add_argument("--eval-out", default=None,
                     help="where the held-out predictions go (default: bench/results/demo_eval for the shipped "
@@ -777,18 +823,33 @@ def _parse(argv=None) -> tuple[DemoRecipe, str, str | None, str | None, bool]:
     ap.add_argument("--resume", action="store_true", help="resume the PERK stage from --checkpoint-dir (stage 1 is "
                     "re-run: it is seeded and reproduces the same base)")
     args = ap.parse_args(argv)
-    changes = {k: v for k, v in vars(args).items()
-               if k not in ("out", "perk", "eval_out", "recipe", "checkpoint_dir", "resume")}
+    if args.resume and args.checkpoint_dir is None:
+        ap.error("--resume needs --checkpoint-dir")
+    eval_out = args.eval_out
+    if eval_out is None and os.path.abspath(args.out) == os.path.abspath(ASSETS_DIR):
+        eval_out = SHIPPED_EVAL_DIR
+    defaults = vars(ap.parse_args(["--recipe", args.recipe]))
+    if is_chain:
+        changed = [k for k, v in vars(args).items() if k not in _RUN_ARGS and v != defaults[k]]
+        if changed:
+            ap.error(f"--recipe {args.recipe} is a chain of {len(CHAINS[args.recipe])} recorded runs: its recipe "
+                     f"cannot be changed on the command line (given: "
+                     f"{', '.join('--' + k.replace('_', '-') for k in changed)}); use --recipe needle or multi "
+                     "(--init-from continues a finished run)")
+        if args.final_n < 0:
+            ap.error(f"--final-n {args.final_n} is invalid: allowed an integer >= 0")
+        return ChainArgs(args.recipe, args.out, eval_out, args.work_dir, args.checkpoint_dir, args.resume,
+                         args.final_n, None if not args.adopt else tuple(args.adopt.split(",")))
+    given = [k for k in _CHAIN_ONLY if getattr(args, k) != defaults[k]]
+    if given:
+        ap.error(f"{', '.join('--' + k.replace('_', '-') for k in given)} only apply to a chain "
+                 f"({', '.join(sorted(CHAINS))}), not to --recipe {args.recipe}")
+    changes = {k: v for k, v in vars(args).items() if k not in _RUN_ARGS + ("perk",)}
     changes["distractors"] = tuple(int(x) for x in args.distractors.split(","))
     for name in ("mix", "eval_tasks", "warmup_mix"):
         changes[name] = None if not changes[name] else tuple(changes[name].split(","))
     changes["doc_mix"] = None if not changes["doc_mix"] else tuple(int(x) for x in changes["doc_mix"].split(","))
     perk = dict(recipe.perk, **json.loads(args.perk))
-    eval_out = args.eval_out
-    if eval_out is None and os.path.abspath(args.out) == os.path.abspath(ASSETS_DIR):
-        eval_out = SHIPPED_EVAL_DIR
-    if args.resume and args.checkpoint_dir is None:
-        ap.error("--resume needs --checkpoint-dir")
     return dataclasses.replace(recipe, perk=perk, **changes), args.out, eval_out, args.checkpoint_dir, args.resume
 
 
@@ -797,7 +858,8 @@ MULTI_PERK = dict(
     segment_len=128, segments_per_step=16, lora_rank=16, lora_alpha=32.0, lm_head_loss="full",
     outer_weight_decay=0.01, warmup_proportion=0.03, max_grad_norm=1.0, seed=0,
 )
-# needle: the shipped model. multi: the multi-task experiment (needles among 0-7 other people's codes,
+# needle: the single-needle model (shipped before the binding chain; bench/results/demo_needle). multi: the
+# multi-task experiment (needles among 0-7 other people's codes,
 # BabiLong-like qa1 / qa2, student-records recall; documents of 64 / 128 / 256 bytes, segments of 128:
 # some split over two; a 2-layer d=96 model); its measured run is in bench/results/demo_multi
 RECIPES = {
@@ -813,8 +875,198 @@ RECIPES = {
 }
 
 
+# ----------------------------------------------------------------------------- chains of runs
+@dataclass(frozen=True)
+class ChainStage:
+    """One run of a chain: ``recipe`` continues the previous stage's output (``init_from`` is filled in
+    when the chain runs; the first stage trains from scratch)."""
+
+    name: str
+    recipe: DemoRecipe
+
+
+# The binding recipe: needles among 0-7 other people's codes, over documents shorter and longer than a
+# segment; d=96 (265 k weights), rank-16 memory, 2 gloo ranks. A curriculum run (single needles for the
+# first 300 steps) and three continuations at 0.3x its learning rates (a warm restart at the full rates
+# forgets what was learned): 4,500 meta-steps in all. The recipes are those of the recorded runs
+# bench/results/demo_curriculum{,2,3,4} (tests/test_demo.py checks them field by field).
+_BINDING = DemoRecipe(
+    doc_tokens=192, mix=("needle:0", "needle:1", "needle:3", "needle:5", "needle:7"), doc_mix=(64, 128, 256),
+    eval_tasks=("needle:0", "needle:3"), hidden_size=96, intermediate_size=288, lm_steps=600, perk=dict(MULTI_PERK),
+    meta_steps=1000, meta_lr=3e-4, lr_lr=1.5e-5, base_lr=9e-5, icr_long_steps=2000, eval_n=30, dev_n=40,
+    dev_every=250, ranks=2,
+)
+CHAINS = {
+    "binding": (
+        ChainStage("curriculum", dataclasses.replace(_BINDING, warmup_mix=("needle:0",), warmup_meta_steps=300,
+                                                     meta_lr=1e-3, lr_lr=5e-5, base_lr=3e-4, dev_every=200)),
+        ChainStage("to-2500", dataclasses.replace(_BINDING, meta_steps=1500, icr_long_steps=3000)),
+        ChainStage("to-3500", _BINDING),
+        ChainStage("to-4500", _BINDING),
+    ),
+}
+SHIPPED_CHAIN = "binding"
+FINAL_EVAL_N = 100  # examples per cell of the shipped model's final held-out tables
+
+
+def _same_recipe(report: dict, recipe: DemoRecipe) -> bool:
+    """Whether ``report`` (a train_report.json) is a finished run of ``recipe``: the same fields, and
+    ``init_from`` the same folder."""
+    mine = json.loads(json.dumps(recipe.to_dict()))
+    theirs = dict(report.get("recipe", {}))
+    a, b = mine.pop("init_from"), theirs.pop("init_from", None)
+    same_start = (a is None and b is None) or (a is not None and b is not None
+                                               and os.path.realpath(a) == os.path.realpath(b))
+    return mine == theirs and same_start
+
+
+def default_work_dir(name: str, out_dir: str) -> str:
+    """Where a chain's stages other than the last go: ``bench/results/demo_chain/<name>`` for the
+    shipped assets, ``<out_dir>/stages`` otherwise."""
+    if os.path.abspath(out_dir) == os.path.abspath(ASSETS_DIR):
+        return os.path.join(os.path.dirname(SHIPPED_EVAL_DIR), "demo_chain", name)
+    return os.path.join(out_dir, "stages")
+
+
+def train_chain(name: str, out_dir: str, *, work_dir: str | None = None, eval_dir: str | None = None,
+                checkpoint_dir: str | None = None, resume: bool = False, final_n: int = FINAL_EVAL_N,
+                log=_print) -> dict:
+    """Run the chain ``CHAINS[name]``: stage k continues stage k-1 (``init_from``); the last stage
+    writes ``out_dir``, the others ``work_dir/<stage>/assets``. Then :func:`final_evaluation` on
+    ``SEEDS["final"]`` with ``final_n`` examples per cell (0: skipped). Returns the last report.
+
+    Split over sessions: a stage whose folder already holds a finished run of the same recipe (same
+    fields, same ``init_from``) is not trained again, so a rerun goes on at the first unfinished
+    stage; with ``checkpoint_dir`` each stage checkpoints its PERK stage under
+    ``checkpoint_dir/<stage>``, and ``resume=True`` continues the unfinished stage from there.
+    """
+    if name not in CHAINS:
+        raise ValueError(f"chain {name!r} is unknown: allowed {sorted(CHAINS)}")
+    stages = CHAINS[name]
+    work = default_work_dir(name, out_dir) if work_dir is None else work_dir
+    previous, report, done_stages = None, None, []
+    for k, stage in enumerate(stages):
+        last = k == len(stages) - 1
+        recipe = dataclasses.replace(stage.recipe, init_from=previous)
+        dest = out_dir if last else os.path.join(work, stage.name, "assets")
+        path = os.path.join(dest, "train_report.json")
+        head = f"chain {name}, stage {k + 1}/{len(stages)} ({stage.name}, {recipe.meta_steps} meta-steps)"
+        done = None
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as fh:
+                done = json.load(fh)
+            if not _same_recipe(done, recipe):
+                raise ValueError(f"{head}: {dest} holds a run of another recipe; move it away or give another "
+                                 "work_dir / out_dir")
+        if done is not None:
+            log(f"{head}: already trained in {dest}")
+            report = done
+        else:
+            log(f"{head} -> {dest}")
+            ckpt = None if checkpoint_dir is None else os.path.join(checkpoint_dir, stage.name)
+            state = None if ckpt is None else os.path.join(ckpt, "last", "trainer_state.json")
+            stage_resume = resume and state is not None and os.path.exists(state)
+            report = train(recipe, dest, log=log, eval_dir=os.path.join(work, stage.name, "eval") if not last
+                           else os.path.join(dest, "eval_stage"), checkpoint_dir=ckpt, resume=stage_resume)
+        previous = dest
+        done_stages.append(stage_summary(stage.name, report))
+    if final_n:
+        report = final_evaluation(out_dir, n=final_n, eval_dir=eval_dir, chain=(name, done_stages), log=log)
+    return report
+
+
+def adopt_chain(name: str, runs: list[str], out_dir: str = ASSETS_DIR, *, eval_dir: str | None = None,
+                final_n: int = FINAL_EVAL_N, log=_print) -> dict:
+    """Make ``out_dir`` the result of chain ``name`` from runs already trained, one folder per stage
+    in order (e.g. the recorded runs in bench/results), instead of training them again: each run's
+    recipe must be its stage's (same fields, ``init_from`` the previous run's folder; ValueError
+    names the first that is not). The last run's models are copied to ``out_dir`` (its old content
+    is replaced), then :func:`final_evaluation` as :func:`train_chain` ends. Returns the report."""
+    import shutil
+
+    if name not in CHAINS:
+        raise ValueError(f"chain {name!r} is unknown: allowed {sorted(CHAINS)}")
+    stages = CHAINS[name]
+    if len(runs) != len(stages):
+        raise ValueError(f"chain {name!r} has {len(stages)} stages, {len(runs)} runs given")
+    previous, summaries = None, []
+    for stage, run in zip(stages, runs):
+        report = read_earlier_run(run)
+        if not _same_recipe(report, dataclasses.replace(stage.recipe, init_from=previous)):
+            raise ValueError(f"{run} is not stage {stage.name!r} of chain {name!r}: its recipe (or the run it "
+                             f"continues, {report['recipe'].get('init_from')!r}) differs")
+        summaries.append(stage_summary(stage.name, report))
+        previous = run
+    if os.path.realpath(previous) != os.path.realpath(out_dir):
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        shutil.copytree(previous, out_dir, ignore=shutil.ignore_patterns("eval", "eval_stage"))
+    log(f"chain {name}: {out_dir} holds the models of {previous}")
+    if not final_n:
+        return read_earlier_run(out_dir)
+    return final_evaluation(out_dir, n=final_n, eval_dir=eval_dir, chain=(name, summaries), log=log)
+
+
+def stage_summary(name: str, report: dict) -> dict:
+    """What a chain's report keeps of one stage: its meta-steps, training and evaluation times."""
+    return {"stage": name, "meta_steps": report["recipe"]["meta_steps"], "init_from": report["recipe"].get("init_from"),
+            "train_total_s": report["times_s"]["train_total_s"], "eval_s": report["times_s"].get("eval_s")}
+
+
+def final_evaluation(assets_dir: str, *, n: int = FINAL_EVAL_N, seed: str = SEEDS["final"],
+                     eval_dir: str | None = None, chain: tuple[str, list[dict]] | None = None, log=_print) -> dict:
+    """Evaluate the finished run in ``assets_dir`` on held-out seed ``seed`` (every system, every
+    table of its recipe, ``n`` examples per cell), as loaded from its files (what ``load_demo``
+    gives); store the tables in its ``train_report.json`` as ``final_eval`` (``eval`` stays the
+    run's own) and the predictions in ``eval_dir`` (default ``assets_dir/eval``). ``chain``: (name,
+    :func:`stage_summary` of every stage) when the run is the last of a chain, stored as ``chain``.
+    Returns the report."""
+    from transformers.utils import logging as hf_logging
+
+    from .demo import load_demo
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    demo = load_demo(assets_dir)
+    torch.set_num_threads(demo.recipe.threads)
+    log(f"final held-out evaluation of {assets_dir} (seed {seed!r}, n={n} per cell)")
+    t = time.perf_counter()
+    table = eval_systems(demo.perk, demo.ttt, demo.icr, demo.tokenizer, demo.recipe, n=n, seed=seed,
+                         icr_long_model=demo.icr_long, out_dir=os.path.join(assets_dir, "eval") if eval_dir is None
+                         else eval_dir)
+    report = dict(demo.report)
+    report["final_eval"] = {k: table[k] for k in ("task", "seed", "n", "lengths", "positions", "metric", "results",
+                                                  "table")}
+    report["final_eval"]["seconds"] = round(time.perf_counter() - t, 1)
+    if chain is not None:
+        report["chain"] = {"name": chain[0], "stages": chain[1],
+                           "train_total_s": round(sum(st["train_total_s"] for st in chain[1]), 1)}
+    with open(os.path.join(assets_dir, "train_report.json"), "w", encoding="utf-8") as fh:
+        json.dump(report, fh, indent=2, default=str)
+    return report
+
+
+def training_minutes(report: dict) -> float:
+    """Training minutes of the run behind ``report``: of every stage when it ends a chain (``chain``),
+    else of the run and the earlier runs its report records."""
+    if report.get("chain"):
+        return report["chain"]["train_total_s"] / 60
+    total, r = 0.0, report
+    while r is not None:
+        total += r["times_s"]["train_total_s"]
+        r = r.get("earlier_run")
+    return total / 60
+
+
 def main(argv=None) -> dict:
-    recipe, out, eval_out, checkpoint_dir, resume = _parse(argv)
+    parsed = _parse(argv)
+    if isinstance(parsed, ChainArgs) and parsed.adopt:
+        return adopt_chain(parsed.name, list(parsed.adopt), parsed.out, eval_dir=parsed.eval_out,
+                           final_n=parsed.final_n)
+    if isinstance(parsed, ChainArgs):
+        return train_chain(parsed.name, parsed.out, work_dir=parsed.work_dir, eval_dir=parsed.eval_out,
+                           checkpoint_dir=parsed.checkpoint_dir, resume=parsed.resume, final_n=parsed.final_n)
+    recipe, out, eval_out, checkpoint_dir, resume = parsed
     return train(recipe, out, eval_dir=eval_out, checkpoint_dir=checkpoint_dir, resume=resume)
 
 

@@ -16,6 +16,7 @@ no-op (world size 1), so single-process code pays nothing.
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from dataclasses import dataclass
@@ -82,7 +83,8 @@ def setup(backend: str | None = None) -> DistContext:
     """Initialise the process group from torchrun's environment when it is not initialised yet.
 
     Does nothing (world size 1) unless ``WORLD_SIZE`` > 1 is set. The backend is NCCL when CUDA
-    is available, gloo otherwise; on CUDA the current device becomes ``cuda:LOCAL_RANK``.
+    is available, gloo otherwise; on CUDA the current device becomes ``cuda:LOCAL_RANK``. A group
+    initialised here is destroyed when the process exits (one initialised by the caller is theirs).
     """
     if dist.is_available() and dist.is_initialized():
         ctx = context()
@@ -98,10 +100,18 @@ def setup(backend: str | None = None) -> DistContext:
                                    "(e.g. torchrun --nproc_per_node 2 script.py)")
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         dist.init_process_group(backend=backend, timeout=timeout())
+        # the group this module made is destroyed at exit: left to the interpreter's teardown, gloo's
+        # threads were seen to abort a rank ("terminate called without an active exception", SIGABRT)
+        atexit.register(_destroy_own_group)
         ctx = context()
     if torch.cuda.is_available() and ctx.active:
         torch.cuda.set_device(ctx.local_rank)
     return ctx
+
+
+def _destroy_own_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _device() -> torch.device:

@@ -11,7 +11,10 @@ import pytest
 import torch
 
 from perk_fast import demo
-from perk_fast.demo_train import ASSETS_DIR, SHIPPED_EVAL_DIR, DemoRecipe, icr_long_name, task_examples
+from perk_fast import demo_train
+from perk_fast.demo_train import (ASSETS_DIR, CHAINS, FINAL_EVAL_N, SEEDS, SHIPPED_CHAIN, SHIPPED_EVAL_DIR, ChainStage,
+                                  DemoRecipe, icr_long_name, recipe_from_dict, spec_label, task_examples, task_spec,
+                                  train_chain, train_seed, training_examples)
 from perk_fast.evaluate import evaluate
 from perk_fast.model import model_fingerprint
 from perk_fast.tasks import generate
@@ -29,18 +32,53 @@ def test_assets_present_and_small():
     assert total < 8 * 2**20, f"demo assets take {total / 2**20:.1f} MiB"
 
 
-def test_report_records_recipe_times_and_numbers():
+def _systems(recipe: DemoRecipe) -> set:
+    return {"PERK", "TTT (no meta)", "FT-ICR", icr_long_name(recipe)}
+
+
+def test_report_records_recipe_chain_times_and_final_numbers():
     report = _report()
-    recipe = report["recipe"]
-    assert DemoRecipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in recipe.items()}).perk_config()
-    assert report["times_s"]["train_total_s"] > 0
-    results = report["eval"]["results"]
-    assert set(results) == {"PERK", "TTT (no meta)", "FT-ICR", "FT-ICR 10x"}
-    for system in results.values():
-        for length in map(str, recipe["eval_lengths"]):
-            for pos in recipe["eval_positions"]:
-                cell = system[length][pos]
-                assert cell["n"] == recipe["eval_n"] and 0.0 <= cell["exact_match"] <= 1.0
+    recipe = recipe_from_dict(report["recipe"])
+    assert recipe.perk_config() and report["times_s"]["train_total_s"] > 0
+    chain = report["chain"]
+    assert chain["name"] == SHIPPED_CHAIN
+    assert [st["stage"] for st in chain["stages"]] == [st.name for st in CHAINS[SHIPPED_CHAIN]]
+    assert [st["meta_steps"] for st in chain["stages"]] == [st.recipe.meta_steps for st in CHAINS[SHIPPED_CHAIN]]
+    assert chain["train_total_s"] == pytest.approx(sum(st["train_total_s"] for st in chain["stages"]), abs=0.5)
+    assert chain["stages"][-1]["train_total_s"] == report["times_s"]["train_total_s"]
+    final = report["final_eval"]
+    assert final["seed"] == SEEDS["final"] and final["n"] == FINAL_EVAL_N
+    assert set(final["results"]) == {spec_label(spec) for spec in recipe.tasks_for_eval()}
+    for table in final["results"].values():
+        assert set(table) == _systems(recipe)
+        for system in table.values():
+            assert set(system) == set(map(str, recipe.eval_lengths))
+            for cells in system.values():
+                for cell in cells.values():
+                    assert cell["n"] == FINAL_EVAL_N and 0.0 <= cell["exact_match"] <= 1.0
+
+
+def test_the_shipped_chain_is_the_recorded_runs():
+    """Every stage of the shipped chain has the recipe of the recorded run in bench/results (field by
+    field; only the folder it continues differs), and the shipped model is the last one's."""
+    recorded = [os.path.join(os.path.dirname(SHIPPED_EVAL_DIR), name, "assets")
+                for name in ("demo_curriculum", "demo_curriculum2", "demo_curriculum3", "demo_curriculum4")]
+    stages = CHAINS[SHIPPED_CHAIN]
+    assert len(stages) == len(recorded)
+    previous = None
+    for stage, folder in zip(stages, recorded):
+        with open(os.path.join(folder, "train_report.json"), encoding="utf-8") as fh:
+            report = json.load(fh)
+        assert demo_train._same_recipe(report, dataclasses.replace(stage.recipe, init_from=previous)), stage.name
+        previous = folder
+    shipped = _report()
+    assert demo_train._same_recipe(shipped, dataclasses.replace(stages[-1].recipe, init_from=shipped["recipe"]["init_from"]))
+    from perk_fast.io import load_tensors
+
+    for sub, name in (("perk", "meta_parameters.safetensors"), (os.path.join("perk", "base"), "model.safetensors"),
+                      ("icr", "model.safetensors")):
+        ours, theirs = (load_tensors(os.path.join(f, sub), name) for f in (ASSETS_DIR, recorded[-1]))
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), sub
 
 
 def test_demo_models_load_and_match_their_bases():
@@ -54,36 +92,54 @@ def test_demo_models_load_and_match_their_bases():
 
 
 def test_shipped_predictions_are_reproduced():
-    """Re-run PERK on the first held-out examples of one cell: same predictions as the shipped files."""
+    """Re-run PERK on the first held-out examples of the hardest needle cell: the same predictions as
+    the shipped final evaluation's files."""
     d = demo.load_demo()
-    report = _report()
-    length = report["recipe"]["eval_lengths"][-1]
-    path = os.path.join(SHIPPED_EVAL_DIR, "PERK", f"L{length}_mid", "predictions.jsonl")
+    final = _report()["final_eval"]
+    spec = "needle:3"
+    assert spec in d.recipe.tasks_for_eval()
+    length = d.recipe.eval_lengths[-1]
+    path = os.path.join(SHIPPED_EVAL_DIR, spec.replace(":", "-"), "PERK", f"L{length}_mid", "predictions.jsonl")
     with open(path, encoding="utf-8") as fh:
         shipped = [json.loads(line) for line in fh][:3]
-    data = generate(d.recipe.task, 3, seed=report["eval"]["seed"], context_tokens=length, position="mid",
-                    doc_tokens=d.recipe.doc_tokens)
-    out = evaluate(d.perk, data, max_new_tokens=8, progress=False)
+    task, kw = task_spec(spec)
+    data = generate(task, 3, seed=f"{final['seed']}/{spec}", context_tokens=length, position="mid",
+                    doc_tokens=d.recipe.eval_doc_tokens or d.recipe.doc_tokens, **kw)
+    out = evaluate(d.perk, data, max_new_tokens=d.recipe.max_new_tokens, progress=False)
     assert out["predictions"] == [r["prediction"] for r in shipped]
 
 
 def test_training_data_never_overlaps_evaluation_seeds():
-    recipe = DemoRecipe()
-    train = task_examples(recipe, 64, "demo-train")
-    held = generate(recipe.task, 64, seed=_report()["eval"]["seed"], context_tokens=recipe.train_len,
-                    position="mid", doc_tokens=recipe.doc_tokens)
-    assert not {" ".join(e.context) for e in train} & {" ".join(e.context) for e in held}
+    """The final held-out seed is none of the chain's training, dev or earlier evaluation seeds, and
+    its contexts are not among the first training examples of any stage."""
+    steps, held = 0, set()
+    recipe = CHAINS[SHIPPED_CHAIN][-1].recipe
+    for spec in recipe.tasks_for_eval():
+        task, kw = task_spec(spec)
+        held |= {" ".join(e.context) for e in generate(task, 32, seed=f"{SEEDS['final']}/{spec}",
+                                                       context_tokens=recipe.train_len, position="mid",
+                                                       doc_tokens=recipe.doc_tokens, **kw)}
+    for stage in CHAINS[SHIPPED_CHAIN]:
+        seed = train_seed(steps)
+        assert SEEDS["final"] not in seed and SEEDS["eval"] not in seed
+        small = dataclasses.replace(stage.recipe, meta_steps=8, warmup_meta_steps=min(stage.recipe.warmup_meta_steps, 4))
+        assert not {" ".join(e.context) for e in training_examples(small, seed)} & held
+        steps += stage.recipe.meta_steps
+    assert len({SEEDS["final"], SEEDS["eval"], SEEDS["dev"], SEEDS["train"], SEEDS["lm"]}) == 5
+    dev = task_examples(recipe, 40, SEEDS["dev"])
+    assert not {" ".join(e.context) for e in dev} & held
 
 
 def test_demo_main_runs_end_to_end(capsys):
     out = demo.main(2, threads=torch.get_num_threads())
     printed = capsys.readouterr().out
-    for name in ("PERK", "TTT (no meta)", "FT-ICR", "FT-ICR 10x"):
+    recipe = demo.load_demo().recipe
+    for name in _systems(recipe):
         assert name in printed
-    assert "n=2" in printed
+    assert "n=2" in printed and f"held-out seed {SEEDS['final']!r}" in printed
     assert out["memory"]["identical"] is True
     assert len(out["memory"]["answers"]) >= 2
-    assert set(out["results"]) == {"PERK", "TTT (no meta)", "FT-ICR", "FT-ICR 10x"}
+    assert set(out["results"]) == {spec_label(spec) for spec in recipe.tasks_for_eval()}
 
 
 def test_long_icr_baseline_is_optional_but_never_silently_missing(tmp_path):
@@ -250,3 +306,66 @@ def test_a_continuation_starts_from_the_earlier_run_on_fresh_examples(tmp_path):
     with pytest.raises(ValueError, match="init_from"):
         DemoRecipe(init_from="")
     assert lines == [] and not (tmp_path / "x").exists()
+
+
+def _toy_chain() -> tuple:
+    toy = dataclasses.replace(demo_train.RECIPES["needle"], lm_contexts=16, lm_batch=4, lm_steps=2, meta_steps=2,
+                              meta_batch=2, icr_long_steps=2, dev_n=2, dev_every=1, eval_n=0, train_len=192,
+                              doc_tokens=60, eval_lengths=(192,), threads=torch.get_num_threads())
+    return ChainStage("first", toy), ChainStage("second", dataclasses.replace(toy, meta_steps=1, icr_long_steps=1))
+
+
+def test_a_chain_runs_its_stages_in_order_and_goes_on_at_the_first_unfinished_one(tmp_path, monkeypatch):
+    monkeypatch.setitem(CHAINS, "toy", _toy_chain())
+    out, work = str(tmp_path / "out"), str(tmp_path / "work")
+    report = train_chain("toy", out, work_dir=work, final_n=1, log=lambda *a: None)
+    first = os.path.join(work, "first", "assets")
+    assert os.path.exists(os.path.join(first, "train_report.json"))
+    assert report["recipe"]["init_from"] == first and report["steps_before"] == {"perk": 2, "icr": 2, "icr_long": 2}
+    assert [st["stage"] for st in report["chain"]["stages"]] == ["first", "second"]
+    assert report["final_eval"]["seed"] == SEEDS["final"] and report["final_eval"]["n"] == 1
+    assert demo_train.training_minutes(report) == pytest.approx(report["chain"]["train_total_s"] / 60)
+    assert demo.demo_seed(report) == SEEDS["final"]
+    # runs trained already become the chain's result without training (checked stage by stage)
+    adopted = str(tmp_path / "adopted")
+    got = demo_train.adopt_chain("toy", [first, out], adopted, final_n=1, log=lambda *a: None)
+    em = lambda r: {(s, L, p): c["exact_match"] for s, t in r["final_eval"]["results"].items()  # noqa: E731
+                    for L, cells in t.items() for p, c in cells.items()}
+    assert em(got) == em(report) and len(em(got)) == 4 * 1 * 3
+    assert [st["stage"] for st in got["chain"]["stages"]] == ["first", "second"]
+    with pytest.raises(ValueError, match="is not stage 'first'"):
+        demo_train.adopt_chain("toy", [out, first], adopted, final_n=0)
+    with pytest.raises(ValueError, match="2 stages, 1 runs"):
+        demo_train.adopt_chain("toy", [first], adopted, final_n=0)
+    # finished stages are not trained again; a missing last stage is
+    lines = []
+    train_chain("toy", out, work_dir=work, final_n=0, log=lines.append)
+    assert len(lines) == 2 and all("already trained" in line for line in lines), lines
+    shutil.rmtree(out)
+    lines = []
+    again = train_chain("toy", out, work_dir=work, final_n=0, log=lines.append)
+    assert "already trained" in lines[0] and "stage 2/2 (second, 1 meta-steps) ->" in lines[1]
+    assert again["steps_before"]["perk"] == 2 and "final_eval" not in again
+    # a stage folder holding another recipe's run is refused by name, not overwritten
+    path = os.path.join(first, "train_report.json")
+    with open(path, encoding="utf-8") as fh:
+        changed = json.load(fh)
+    changed["recipe"]["meta_steps"] = 3
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(changed, fh)
+    with pytest.raises(ValueError, match="another recipe"):
+        train_chain("toy", out, work_dir=work, final_n=0, log=lambda *a: None)
+    with pytest.raises(ValueError, match="chain 'nope' is unknown"):
+        train_chain("nope", out)
+
+
+def test_a_chain_cannot_be_changed_on_the_command_line():
+    parsed = demo_train._parse([])
+    assert isinstance(parsed, demo_train.ChainArgs) and parsed.name == SHIPPED_CHAIN
+    assert parsed.eval_out == SHIPPED_EVAL_DIR and parsed.final_n == FINAL_EVAL_N
+    for argv in (["--meta-steps", "5"], ["--perk", '{"lora_rank": 4}'], ["--init-from", "x"],
+                 ["--recipe", "needle", "--work-dir", "w"], ["--final-n", "-1"]):
+        with pytest.raises(SystemExit):
+            demo_train._parse(argv)
+    recipe, out, *_ = demo_train._parse(["--recipe", "needle", "--out", "o", "--meta-steps", "5"])
+    assert recipe.meta_steps == 5 and out == "o"
