@@ -178,7 +178,8 @@ def main(n: int = 50, *, assets_dir: str = ASSETS_DIR, threads: int = 2, seed: s
     if demo.icr_long is not None:
         times = report["times_s"]
         log(f"  {icr_long_name(recipe):<13} the same with {recipe.icr_long_steps / recipe.meta_steps:g}x the steps "
-            f"and examples (trained {times.get('icr_long_s', 0):.0f}s; PERK's meta-training {times['perk_s']:.0f}s)")
+            f"and examples ({'in the last run of the chain: ' if report.get('chain') else ''}trained "
+            f"{times.get('icr_long_s', 0):.0f}s; PERK's meta-training {times['perk_s']:.0f}s)")
     log("")
     table = eval_systems(demo.perk, demo.ttt, demo.icr, demo.tokenizer, recipe, n=n, seed=seed,
                          icr_long_model=demo.icr_long, out_dir=out_dir, verbose=True)
