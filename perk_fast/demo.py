@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import tempfile
@@ -28,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .demo_train import (ASSETS_DIR, SEEDS, DemoRecipe, eval_systems, icr_long_name, load_base, recipe_from_dict,
-                         spec_label, training_minutes)
+from .demo_train import (ASSETS_DIR, RUN_FILES, SEEDS, DemoRecipe, eval_systems, icr_long_name, load_run, spec_label,
+                         training_minutes)
 from .encode import encode
 from .evaluate import cut_answer
 from .memory import Memory
@@ -37,8 +36,7 @@ from .model import PerkModel
 from .tasks import NEEDLE, NEEDLE_QUESTION, generate
 from .tokenizer import ByteTokenizer
 
-_REQUIRED = ("train_report.json", "tokenizer", "base", "icr", os.path.join("perk", "perk_model.json"),
-             os.path.join("perk", "meta_parameters.safetensors"), os.path.join("perk", "base"))
+_REQUIRED = RUN_FILES
 
 
 @dataclass
@@ -56,28 +54,7 @@ class Demo:
 
 def load_demo(assets_dir: str = ASSETS_DIR) -> Demo:
     """Load the demo models from ``assets_dir``; FileNotFoundError names what is missing."""
-    missing = [p for p in _REQUIRED if not os.path.exists(os.path.join(assets_dir, p))]
-    if missing:
-        raise FileNotFoundError(
-            f"demo assets missing in {assets_dir}: {missing}; train them with `python -m perk_fast.demo_train`"
-        )
-    with open(os.path.join(assets_dir, "train_report.json"), encoding="utf-8") as fh:
-        report = json.load(fh)
-    recipe = recipe_from_dict(report["recipe"])
-    tokenizer = ByteTokenizer.from_pretrained(os.path.join(assets_dir, "tokenizer"))
-    perk = PerkModel.load(os.path.join(assets_dir, "perk"), load_base(os.path.join(assets_dir, "perk", "base")),
-                          tokenizer)
-    ttt = PerkModel(load_base(os.path.join(assets_dir, "base")), tokenizer, recipe.perk_config())
-    icr = load_base(os.path.join(assets_dir, "icr"))
-    icr_long = None
-    if recipe.icr_long_steps:
-        path = os.path.join(assets_dir, "icr_long")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"demo assets missing in {assets_dir}: ['icr_long'] (the recipe has "
-                                    f"icr_long_steps={recipe.icr_long_steps}); train them with "
-                                    "`python -m perk_fast.demo_train`")
-        icr_long = load_base(path)
-    return Demo(perk, ttt, icr, icr_long, tokenizer, recipe, report)
+    return Demo(**load_run(assets_dir))
 
 
 # Phrasings of the needle question; only the first one occurs in training.

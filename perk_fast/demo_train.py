@@ -546,6 +546,40 @@ def recipe_from_dict(fields: dict) -> DemoRecipe:
     return DemoRecipe(**fields)
 
 
+RUN_FILES = ("train_report.json", "tokenizer", "base", "icr", os.path.join("perk", "perk_model.json"),
+             os.path.join("perk", "meta_parameters.safetensors"), os.path.join("perk", "base"))
+
+
+def load_run(assets_dir: str) -> dict:
+    """The models of a finished run in ``assets_dir`` (the shipped demo's by default in
+    :func:`perk_fast.demo.load_demo`): ``perk`` (the meta-trained PerkModel), ``ttt`` (a fresh
+    PerkModel on the stage-1 base), ``icr``, ``icr_long`` (None when the recipe had none),
+    ``tokenizer``, ``recipe``, ``report``. FileNotFoundError names what is missing."""
+    missing = [p for p in RUN_FILES if not os.path.exists(os.path.join(assets_dir, p))]
+    if missing:
+        raise FileNotFoundError(
+            f"demo assets missing in {assets_dir}: {missing}; train them with `python -m perk_fast.demo_train`"
+        )
+    with open(os.path.join(assets_dir, "train_report.json"), encoding="utf-8") as fh:
+        report = json.load(fh)
+    recipe = recipe_from_dict(report["recipe"])
+    tokenizer = ByteTokenizer.from_pretrained(os.path.join(assets_dir, "tokenizer"))
+    perk = PerkModel.load(os.path.join(assets_dir, "perk"), load_base(os.path.join(assets_dir, "perk", "base")),
+                          tokenizer)
+    ttt = PerkModel(load_base(os.path.join(assets_dir, "base")), tokenizer, recipe.perk_config())
+    icr = load_base(os.path.join(assets_dir, "icr"))
+    icr_long = None
+    if recipe.icr_long_steps:
+        path = os.path.join(assets_dir, "icr_long")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"demo assets missing in {assets_dir}: ['icr_long'] (the recipe has "
+                                    f"icr_long_steps={recipe.icr_long_steps}); train them with "
+                                    "`python -m perk_fast.demo_train`")
+        icr_long = load_base(path)
+    return {"perk": perk, "ttt": ttt, "icr": icr, "icr_long": icr_long, "tokenizer": tokenizer, "recipe": recipe,
+            "report": report}
+
+
 # ----------------------------------------------------------------------------- evaluation
 def cell_positions(recipe: DemoRecipe, spec: str, length: int, *, n: int, seed: str) -> list[str]:
     """The fact positions evaluated for ``spec`` at ``length``: ``recipe.eval_positions`` when the
@@ -1016,25 +1050,23 @@ def stage_summary(name: str, report: dict) -> dict:
 def final_evaluation(assets_dir: str, *, n: int = FINAL_EVAL_N, seed: str = SEEDS["final"],
                      eval_dir: str | None = None, chain: tuple[str, list[dict]] | None = None, log=_print) -> dict:
     """Evaluate the finished run in ``assets_dir`` on held-out seed ``seed`` (every system, every
-    table of its recipe, ``n`` examples per cell), as loaded from its files (what ``load_demo``
+    table of its recipe, ``n`` examples per cell), as loaded from its files (:func:`load_run`, what ``load_demo``
     gives); store the tables in its ``train_report.json`` as ``final_eval`` (``eval`` stays the
     run's own) and the predictions in ``eval_dir`` (default ``assets_dir/eval``). ``chain``: (name,
     :func:`stage_summary` of every stage) when the run is the last of a chain, stored as ``chain``.
     Returns the report."""
     from transformers.utils import logging as hf_logging
 
-    from .demo import load_demo
-
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    demo = load_demo(assets_dir)
-    torch.set_num_threads(demo.recipe.threads)
+    run = load_run(assets_dir)
+    torch.set_num_threads(run["recipe"].threads)
     log(f"final held-out evaluation of {assets_dir} (seed {seed!r}, n={n} per cell)")
     t = time.perf_counter()
-    table = eval_systems(demo.perk, demo.ttt, demo.icr, demo.tokenizer, demo.recipe, n=n, seed=seed,
-                         icr_long_model=demo.icr_long, out_dir=os.path.join(assets_dir, "eval") if eval_dir is None
+    table = eval_systems(run["perk"], run["ttt"], run["icr"], run["tokenizer"], run["recipe"], n=n, seed=seed,
+                         icr_long_model=run["icr_long"], out_dir=os.path.join(assets_dir, "eval") if eval_dir is None
                          else eval_dir)
-    report = dict(demo.report)
+    report = dict(run["report"])
     report["final_eval"] = {k: table[k] for k in ("task", "seed", "n", "lengths", "positions", "metric", "results",
                                                   "table")}
     report["final_eval"]["seconds"] = round(time.perf_counter() - t, 1)
