@@ -40,7 +40,7 @@ import torch
 
 from perk_fast import evaluate
 from perk_fast.demo import PARAPHRASES, load_demo, needle_name
-from perk_fast.demo_train import SEEDS
+from perk_fast.demo_train import NEEDLE_ASSETS_DIR, SEEDS
 from perk_fast.metrics import exact_match
 from perk_fast.tasks import PEOPLE, generate
 
@@ -64,8 +64,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch-size", type=int, default=25)
     ap.add_argument("--threads", type=int, default=2)
     # the single-needle model this check was written for (shipped until the binding chain replaced it)
-    ap.add_argument("--assets", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                     "demo_needle", "assets"))
+    ap.add_argument("--assets", default=NEEDLE_ASSETS_DIR)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                    "demo_heldout.json"))
     args = ap.parse_args(argv)

@@ -21,7 +21,7 @@ import time
 import torch
 
 from perk_fast.demo import load_demo
-from perk_fast.demo_train import SEEDS, load_base, task_examples
+from perk_fast.demo_train import NEEDLE_ASSETS_DIR, SEEDS, load_base, task_examples
 from perk_fast.evaluate import evaluate_in_context, finetune_in_context
 from perk_fast.tasks import generate
 
@@ -33,8 +33,7 @@ def main(argv=None) -> dict:
     ap.add_argument("-n", type=int, default=48, help="dev examples per length")
     ap.add_argument("--threads", type=int, default=2)
     # the single-needle model this check was written for (shipped until the binding chain replaced it)
-    ap.add_argument("--assets", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                     "demo_needle", "assets"))
+    ap.add_argument("--assets", default=NEEDLE_ASSETS_DIR)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                    "demo_icr_lr.json"))
     args = ap.parse_args(argv)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .demo_train import (ASSETS_DIR, RUN_FILES, SEEDS, DemoRecipe, eval_systems, icr_long_name, load_run, spec_label,
+from .demo_train import (ASSETS_DIR, SEEDS, DemoRecipe, eval_systems, icr_long_name, load_run, spec_label,
                          training_minutes)
 from .encode import encode
 from .evaluate import cut_answer
@@ -35,9 +35,6 @@ from .memory import Memory
 from .model import PerkModel
 from .tasks import NEEDLE, NEEDLE_QUESTION, generate
 from .tokenizer import ByteTokenizer
-
-_REQUIRED = RUN_FILES
-
 
 @dataclass
 class Demo:

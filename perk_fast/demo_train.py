@@ -111,6 +111,8 @@ ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", 
 # held-out predictions of the shipped run live with the other results of the repository, not in the package
 SHIPPED_EVAL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "results",
                                 "demo_eval")
+# the single-needle model, shipped before the binding chain (bench/demo_heldout.py and demo_icr_lr.py check it)
+NEEDLE_ASSETS_DIR = os.path.join(os.path.dirname(SHIPPED_EVAL_DIR), "demo_needle", "assets")
 ICR_LONG = "FT-ICR 10x"  # the name of the long FT-ICR baseline with the single-needle recipe
 
 
@@ -954,6 +956,13 @@ def _same_recipe(report: dict, recipe: DemoRecipe) -> bool:
     return mine == theirs and same_start
 
 
+def chain_stages(name: str) -> tuple[ChainStage, ...]:
+    """The stages of chain ``name``; ValueError names an unknown chain."""
+    if name not in CHAINS:
+        raise ValueError(f"chain {name!r} is unknown: allowed {sorted(CHAINS)}")
+    return CHAINS[name]
+
+
 def default_work_dir(name: str, out_dir: str) -> str:
     """Where a chain's stages other than the last go: ``bench/results/demo_chain/<name>`` for the
     shipped assets, ``<out_dir>/stages`` otherwise."""
@@ -966,7 +975,8 @@ def train_chain(name: str, out_dir: str, *, work_dir: str | None = None, eval_di
                 checkpoint_dir: str | None = None, resume: bool = False, final_n: int = FINAL_EVAL_N,
                 log=_print) -> dict:
     """Run the chain ``CHAINS[name]``: stage k continues stage k-1 (``init_from``); the last stage
-    writes ``out_dir``, the others ``work_dir/<stage>/assets``. Then :func:`final_evaluation` on
+    writes ``out_dir``, the others ``work_dir/<stage>/assets`` (every stage's own held-out predictions:
+    ``work_dir/<stage>/eval``). Then :func:`final_evaluation` on
     ``SEEDS["final"]`` with ``final_n`` examples per cell (0: skipped). Returns the last report.
 
     Split over sessions: a stage whose folder already holds a finished run of the same recipe (same
@@ -974,9 +984,7 @@ def train_chain(name: str, out_dir: str, *, work_dir: str | None = None, eval_di
     stage; with ``checkpoint_dir`` each stage checkpoints its PERK stage under
     ``checkpoint_dir/<stage>``, and ``resume=True`` continues the unfinished stage from there.
     """
-    if name not in CHAINS:
-        raise ValueError(f"chain {name!r} is unknown: allowed {sorted(CHAINS)}")
-    stages = CHAINS[name]
+    stages = chain_stages(name)
     work = default_work_dir(name, out_dir) if work_dir is None else work_dir
     previous, report, done_stages = None, None, []
     for k, stage in enumerate(stages):
@@ -1000,8 +1008,8 @@ def train_chain(name: str, out_dir: str, *, work_dir: str | None = None, eval_di
             ckpt = None if checkpoint_dir is None else os.path.join(checkpoint_dir, stage.name)
             state = None if ckpt is None else os.path.join(ckpt, "last", "trainer_state.json")
             stage_resume = resume and state is not None and os.path.exists(state)
-            report = train(recipe, dest, log=log, eval_dir=os.path.join(work, stage.name, "eval") if not last
-                           else os.path.join(dest, "eval_stage"), checkpoint_dir=ckpt, resume=stage_resume)
+            report = train(recipe, dest, log=log, eval_dir=os.path.join(work, stage.name, "eval"),
+                           checkpoint_dir=ckpt, resume=stage_resume)
         previous = dest
         done_stages.append(stage_summary(stage.name, report))
     if final_n:
@@ -1018,9 +1026,7 @@ def adopt_chain(name: str, runs: list[str], out_dir: str = ASSETS_DIR, *, eval_d
     is replaced), then :func:`final_evaluation` as :func:`train_chain` ends. Returns the report."""
     import shutil
 
-    if name not in CHAINS:
-        raise ValueError(f"chain {name!r} is unknown: allowed {sorted(CHAINS)}")
-    stages = CHAINS[name]
+    stages = chain_stages(name)
     if len(runs) != len(stages):
         raise ValueError(f"chain {name!r} has {len(stages)} stages, {len(runs)} runs given")
     previous, summaries = None, []
@@ -1034,7 +1040,7 @@ def adopt_chain(name: str, runs: list[str], out_dir: str = ASSETS_DIR, *, eval_d
     if os.path.realpath(previous) != os.path.realpath(out_dir):
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
-        shutil.copytree(previous, out_dir, ignore=shutil.ignore_patterns("eval", "eval_stage"))
+        shutil.copytree(previous, out_dir, ignore=shutil.ignore_patterns("eval"))
     log(f"chain {name}: {out_dir} holds the models of {previous}")
     if not final_n:
         return read_earlier_run(out_dir)

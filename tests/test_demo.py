@@ -26,7 +26,7 @@ def _report() -> dict:
 
 
 def test_assets_present_and_small():
-    missing = [p for p in demo._REQUIRED if not os.path.exists(os.path.join(ASSETS_DIR, p))]
+    missing = [p for p in demo_train.RUN_FILES if not os.path.exists(os.path.join(ASSETS_DIR, p))]
     assert not missing, f"demo assets missing in {ASSETS_DIR}: {missing} (python -m perk_fast.demo_train)"
     total = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(ASSETS_DIR) for f in files)
     assert total < 8 * 2**20, f"demo assets take {total / 2**20:.1f} MiB"
