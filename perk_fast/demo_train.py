@@ -956,10 +956,12 @@ def _same_recipe(report: dict, recipe: DemoRecipe) -> bool:
     return mine == theirs and same_start
 
 
-def chain_stages(name: str) -> tuple[ChainStage, ...]:
-    """The stages of chain ``name``; ValueError names an unknown chain."""
+def chain_stages(name: str, final_n: int = 0) -> tuple[ChainStage, ...]:
+    """The stages of chain ``name``; ValueError names an unknown chain or a bad ``final_n``."""
     if name not in CHAINS:
         raise ValueError(f"chain {name!r} is unknown: allowed {sorted(CHAINS)}")
+    if isinstance(final_n, bool) or not isinstance(final_n, int) or final_n < 0:
+        raise ValueError(f"final_n={final_n!r} is invalid: allowed an integer >= 0 (0 skips the final evaluation)")
     return CHAINS[name]
 
 
@@ -984,7 +986,7 @@ def train_chain(name: str, out_dir: str, *, work_dir: str | None = None, eval_di
     stage; with ``checkpoint_dir`` each stage checkpoints its PERK stage under
     ``checkpoint_dir/<stage>``, and ``resume=True`` continues the unfinished stage from there.
     """
-    stages = chain_stages(name)
+    stages = chain_stages(name, final_n)
     work = default_work_dir(name, out_dir) if work_dir is None else work_dir
     previous, report, done_stages = None, None, []
     for k, stage in enumerate(stages):
@@ -1026,7 +1028,7 @@ def adopt_chain(name: str, runs: list[str], out_dir: str = ASSETS_DIR, *, eval_d
     is replaced), then :func:`final_evaluation` as :func:`train_chain` ends. Returns the report."""
     import shutil
 
-    stages = chain_stages(name)
+    stages = chain_stages(name, final_n)
     if len(runs) != len(stages):
         raise ValueError(f"chain {name!r} has {len(stages)} stages, {len(runs)} runs given")
     previous, summaries = None, []
@@ -1063,6 +1065,8 @@ def final_evaluation(assets_dir: str, *, n: int = FINAL_EVAL_N, seed: str = SEED
     Returns the report."""
     from transformers.utils import logging as hf_logging
 
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n={n!r} is invalid: allowed an integer >= 1 (examples per cell)")
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     run = load_run(assets_dir)

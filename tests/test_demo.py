@@ -357,6 +357,12 @@ def test_a_chain_runs_its_stages_in_order_and_goes_on_at_the_first_unfinished_on
         train_chain("toy", out, work_dir=work, final_n=0, log=lambda *a: None)
     with pytest.raises(ValueError, match="chain 'nope' is unknown"):
         train_chain("nope", out)
+    with pytest.raises(ValueError, match="final_n=-1 is invalid"):
+        train_chain("toy", out, work_dir=work, final_n=-1)
+    with pytest.raises(ValueError, match="final_n=-1 is invalid"):
+        demo_train.adopt_chain("toy", [first, out], adopted, final_n=-1)
+    with pytest.raises(ValueError, match="n=0 is invalid"):
+        demo_train.final_evaluation(out, n=0)
 
 
 def test_a_chain_cannot_be_changed_on_the_command_line():
