@@ -185,6 +185,11 @@ class DemoRecipe:
     # ``meta_steps`` / ``icr_long_steps`` more steps (fresh optimisers and schedules: a warm restart)
     # on examples that continue its data stream (a seed of their own, never the earlier examples)
     init_from: str | None = None
+    # meta-parameters of the continued run put back to their initial values before training:
+    # "weighting" (the token-weighting model's output layer: every token weighted ln(2)/3 again),
+    # "inner_lrs" (every learned inner learning rate back at perk["inner_lr"]). A writer meta-learned
+    # on one task weights the facts of another near zero (bench/demo_probe.py measures it)
+    reset_meta: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         positive = ("train_len", "doc_tokens", "max_new_tokens", "hidden_size", "num_hidden_layers",
@@ -222,6 +227,13 @@ class DemoRecipe:
         if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from):
             raise ValueError(f"DemoRecipe.init_from={self.init_from!r} is invalid: allowed None or the folder of "
                              "an earlier run")
+        if not isinstance(self.reset_meta, tuple) or any(r not in RESETTABLE for r in self.reset_meta) or len(
+                set(self.reset_meta)) != len(self.reset_meta):
+            raise ValueError(f"DemoRecipe.reset_meta={self.reset_meta!r} is invalid: allowed a tuple of distinct "
+                             f"names from {RESETTABLE}")
+        if self.reset_meta and self.init_from is None:
+            raise ValueError(f"DemoRecipe.reset_meta={self.reset_meta!r} needs init_from: a fresh run starts from "
+                             "initial meta-parameters already")
         if self.doc_mix is not None and (not self.doc_mix or any(not isinstance(d, int) or d < 8
                                                                   for d in self.doc_mix)):
             raise ValueError(f"DemoRecipe.doc_mix={self.doc_mix!r} is invalid: allowed None or integers >= 8")
@@ -239,7 +251,31 @@ class DemoRecipe:
         return dataclasses.asdict(self)
 
 
+RESETTABLE = ("weighting", "inner_lrs")
+
+
 # ----------------------------------------------------------------------------- models
+def reset_meta_parameters(perk_model: PerkModel, names) -> None:
+    """Put meta-parameter groups of ``perk_model`` back to their initial values, in place:
+    ``"weighting"`` zeroes the weighting model's output layer (``fc2``, zero-initialised: every token
+    weight is ln(2)/3 again; ``fc1`` keeps its features), ``"inner_lrs"`` sets every learned inner
+    learning rate to ``config.inner_lr``. ValueError names an unknown group or one the model lacks."""
+    for name in names:
+        if name not in RESETTABLE:
+            raise ValueError(f"reset {name!r} is invalid: allowed one of {RESETTABLE}")
+        with torch.no_grad():
+            if name == "weighting":
+                if perk_model.weighting is None:
+                    raise ValueError("reset 'weighting': this PerkModel has no weighting model (weighted_loss=False)")
+                perk_model.weighting.fc2.weight.zero_()
+                perk_model.weighting.fc2.bias.zero_()
+            else:
+                if not isinstance(perk_model.inner_lrs, torch.nn.Parameter):
+                    raise ValueError("reset 'inner_lrs': this PerkModel does not learn its inner learning rates")
+                perk_model.inner_lrs.fill_(perk_model.config.inner_lr)
+
+
+
 def build_base(recipe: DemoRecipe, tokenizer: ByteTokenizer) -> torch.nn.Module:
     """A randomly initialised Llama-shaped LM (seeded)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -542,7 +578,8 @@ def _rank_worker(rank: int, world: int, port: int, tmp: str, recipe_dict: dict) 
 def recipe_from_dict(fields: dict) -> DemoRecipe:
     """A DemoRecipe from its ``to_dict()`` (lists become tuples again)."""
     fields = dict(fields)
-    for key in ("distractors", "eval_lengths", "eval_positions", "mix", "doc_mix", "eval_tasks", "warmup_mix"):
+    for key in ("distractors", "eval_lengths", "eval_positions", "mix", "doc_mix", "eval_tasks", "warmup_mix",
+                "reset_meta"):
         if fields.get(key) is not None:
             fields[key] = tuple(fields[key])
     return DemoRecipe(**fields)
@@ -703,6 +740,9 @@ def train(recipe: DemoRecipe, out_dir: str, log=_print, eval_dir: str | None = N
         perk_model = PerkModel(perk_base, tokenizer, recipe.perk_config())
         perk_model.load_meta_state({k: v.detach() for k, v in earlier_perk.named_meta_parameters()})
         del earlier_perk
+        if recipe.reset_meta:
+            reset_meta_parameters(perk_model, recipe.reset_meta)
+            log(f"  meta-parameters reset to their initial values: {', '.join(recipe.reset_meta)}")
     meta_history = meta_train_joint(perk_model, dataset, recipe, dev=dev, log=log, checkpoint_dir=checkpoint_dir,
                                     resume=resume)
     for p in perk_base.parameters():
@@ -854,6 +894,9 @@ def _parse(argv=None) -> "tuple[DemoRecipe, str, str | None, str | None, bool] |
                     help="continue an earlier run (its --out folder): its stage-1 base replaces stage 1, and PERK, "
                          "FT-ICR and the long FT-ICR go on from its models for --meta-steps / --meta-steps / "
                          "--icr-long-steps more steps on fresh examples")
+    ap.add_argument("--reset-meta", default="",
+                    help="with --init-from: comma list of meta-parameters put back to their initial values "
+                         f"before training, from {', '.join(RESETTABLE)}")
     ap.add_argument("--checkpoint-dir", default=None,
                     help="PERK-stage checkpoints every 100 steps (checkpoint-dir/last); with --resume, continue there")
     ap.add_argument("--resume", action="store_true", help="resume the PERK stage from --checkpoint-dir (stage 1 is "
@@ -885,8 +928,13 @@ def _parse(argv=None) -> "tuple[DemoRecipe, str, str | None, str | None, bool] |
     for name in ("mix", "eval_tasks", "warmup_mix"):
         changes[name] = None if not changes[name] else tuple(changes[name].split(","))
     changes["doc_mix"] = None if not changes["doc_mix"] else tuple(int(x) for x in changes["doc_mix"].split(","))
+    changes["reset_meta"] = tuple(x for x in args.reset_meta.split(",") if x)
     perk = dict(recipe.perk, **json.loads(args.perk))
-    return dataclasses.replace(recipe, perk=perk, **changes), args.out, eval_out, args.checkpoint_dir, args.resume
+    try:
+        recipe = dataclasses.replace(recipe, perk=perk, **changes)
+    except ValueError as err:  # the recipe's own check names the bad value: say it as a usage error
+        ap.error(str(err))
+    return recipe, args.out, eval_out, args.checkpoint_dir, args.resume
 
 
 MULTI_PERK = dict(
@@ -950,6 +998,9 @@ def _same_recipe(report: dict, recipe: DemoRecipe) -> bool:
     ``init_from`` the same folder."""
     mine = json.loads(json.dumps(recipe.to_dict()))
     theirs = dict(report.get("recipe", {}))
+    defaults = json.loads(json.dumps(DemoRecipe().to_dict()))
+    for name in [k for k in mine if k not in theirs and mine[k] == defaults[k]]:
+        mine.pop(name)  # a field added after that run was written: its default is what the run did
     a, b = mine.pop("init_from"), theirs.pop("init_from", None)
     same_start = (a is None and b is None) or (a is not None and b is not None
                                                and os.path.realpath(a) == os.path.realpath(b))

@@ -375,3 +375,57 @@ def test_a_chain_cannot_be_changed_on_the_command_line():
             demo_train._parse(argv)
     recipe, out, *_ = demo_train._parse(["--recipe", "needle", "--out", "o", "--meta-steps", "5"])
     assert recipe.meta_steps == 5 and out == "o"
+
+
+def test_reset_meta_puts_the_named_groups_back_and_only_them(tmp_path):
+    """--reset-meta on a continuation: the weighting model's output layer is zero again (every token
+    weight ln(2)/3) and / or every learned inner learning rate is inner_lr again; the other
+    meta-parameters continue from the earlier run. Bad names, a fresh run, and a model without the
+    group are refused by name."""
+    from perk_fast.demo_train import RECIPES, load_base, main as train_main, reset_meta_parameters
+    from perk_fast.io import load_tensors
+    from perk_fast.model import PerkModel
+    from perk_fast.tokenizer import ByteTokenizer
+
+    toy = ["--recipe", "needle", "--lm-contexts", "16", "--lm-batch", "4", "--lm-steps", "2", "--meta-batch", "2",
+           "--dev-n", "2", "--dev-every", "1", "--eval-n", "0", "--icr-long-steps", "0",
+           "--threads", str(torch.get_num_threads())]
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    train_main(toy + ["--out", first, "--meta-steps", "2"])
+    frozen = ["--meta-lr", "1e-12", "--lr-lr", "1e-12", "--base-lr", "0", "--icr-lr", "1e-12"]
+    lines = []
+    report = train_main(toy + frozen + ["--out", second, "--meta-steps", "1", "--init-from", first,
+                                        "--reset-meta", "weighting,inner_lrs"])
+    assert list(report["recipe"]["reset_meta"]) == ["weighting", "inner_lrs"]
+    before = load_tensors(os.path.join(first, "perk"), "meta_parameters.safetensors")
+    after = load_tensors(os.path.join(second, "perk"), "meta_parameters.safetensors")
+    inner_lr = RECIPES["needle"].perk["inner_lr"]
+    assert not torch.allclose(before["inner_lrs"], torch.full_like(before["inner_lrs"], inner_lr))
+    torch.testing.assert_close(after["inner_lrs"], torch.full_like(after["inner_lrs"], inner_lr), atol=1e-9, rtol=0)
+    assert before["weighting.fc2.weight"].abs().max() > 0
+    assert after["weighting.fc2.weight"].abs().max() < 1e-9 and after["weighting.fc2.bias"].abs().max() < 1e-9
+    for name in before:
+        if not (name == "inner_lrs" or name.startswith("weighting.fc2")):
+            torch.testing.assert_close(after[name], before[name], atol=1e-6, rtol=0)
+
+    with pytest.raises(ValueError, match="reset_meta=.*needs init_from"):
+        DemoRecipe(reset_meta=("weighting",))
+    with pytest.raises(ValueError, match=r"reset_meta=\('lora',\) is invalid"):
+        DemoRecipe(init_from=first, reset_meta=("lora",))
+    with pytest.raises(ValueError, match="distinct"):
+        DemoRecipe(init_from=first, reset_meta=("weighting", "weighting"))
+    with pytest.raises(SystemExit):
+        demo_train._parse(["--recipe", "needle", "--reset-meta", "weighting"])
+    plain = PerkModel(load_base(os.path.join(first, "base")), ByteTokenizer(),
+                      dataclasses.replace(RECIPES["needle"].perk_config(), weighted_loss=False, learn_inner_lr=False))
+    for name in ("weighting", "inner_lrs"):
+        with pytest.raises(ValueError, match=f"reset '{name}'"):
+            reset_meta_parameters(plain, [name])
+    with pytest.raises(ValueError, match="reset 'lora' is invalid"):
+        reset_meta_parameters(plain, ["lora"])
+    # a run written before reset_meta existed is still the same recipe (its default is what it did)
+    old = json.loads(json.dumps(report))
+    del old["recipe"]["reset_meta"]
+    assert demo_train._same_recipe(old, dataclasses.replace(demo_train.recipe_from_dict(report["recipe"]),
+                                                            reset_meta=()))
+    assert not demo_train._same_recipe(old, demo_train.recipe_from_dict(report["recipe"]))
