@@ -999,7 +999,7 @@ def _same_recipe(report: dict, recipe: DemoRecipe) -> bool:
     mine = json.loads(json.dumps(recipe.to_dict()))
     theirs = dict(report.get("recipe", {}))
     defaults = json.loads(json.dumps(DemoRecipe().to_dict()))
-    for name in [k for k in mine if k not in theirs and mine[k] == defaults[k]]:
+    for name in [k for k in mine if k != "init_from" and k not in theirs and mine[k] == defaults[k]]:
         mine.pop(name)  # a field added after that run was written: its default is what the run did
     a, b = mine.pop("init_from"), theirs.pop("init_from", None)
     same_start = (a is None and b is None) or (a is not None and b is not None
