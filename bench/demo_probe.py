@@ -96,19 +96,51 @@ def _ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def in_place_prompt(perk: PerkModel, ex, prefix: str) -> list[int]:
+def fact_segment(perk: PerkModel, ex, prefix: str) -> tuple[list[int], int]:
     """The context's last segment holding ``prefix`` (as the inner loop reads it at test time: doc
-    ids in order), cut right after it. Byte-level tokenizers only (a text's ids are then a
-    contiguous run of any text holding it)."""
+    ids in order) and the position right after it (where the answer starts). Byte-level tokenizers
+    only (a text's ids are then a contiguous run of any text holding it)."""
     want = _ids(perk.tokenizer, prefix)
     found = None
     for ids, _ in perk.segment_contexts([ex.context], rng=None)[0].segments:
         at = _find(list(ids), want)
         if at >= 0:
-            found = list(ids)[: at + len(want)]
+            found = (list(ids), at + len(want))
     if found is None:
         raise ValueError(f"example {ex.meta.get('index')}: {prefix!r} is not in its segments")
     return found
+
+
+def in_place_prompt(perk: PerkModel, ex, prefix: str) -> list[int]:
+    """The segment of :func:`fact_segment` cut right after ``prefix``."""
+    ids, end = fact_segment(perk, ex, prefix)
+    return ids[:end]
+
+
+@torch.no_grad()
+def token_weights(perk: PerkModel, examples: list, prefixes: list[str]) -> dict:
+    """The meta-learned inner-loss weights the writer gives, at its first inner step (the memory at
+    its meta-learned initialisation), to the answer tokens of the asked fact against every other
+    token of the same segment: mean of each over the examples' segments. A token at position p is
+    weighted ``weighting(h_p)``, as in :meth:`PerkModel.inner_loss`. ValueError when ``perk`` has no
+    weighting model."""
+    if perk.weighting is None:
+        raise ValueError("token_weights: this PerkModel has no weighting model (weighted_loss=False)")
+    answer, other = [], []
+    for ex, prefix in zip(examples, prefixes):
+        ids, end = fact_segment(perk, ex, prefix)
+        gold = _ids(perk.tokenizer, ex.answer)
+        if ids[end : end + len(gold)] != gold:
+            raise ValueError(f"example {ex.meta.get('index')}: the answer {ex.answer!r} does not follow {prefix!r}")
+        x = torch.tensor([ids], device=perk.device)
+        w = perk.weighting(perk.hidden_states(x, perk.initial_adapters(1), seed=None, second_order=False))[0]
+        mask = torch.zeros(len(ids), dtype=torch.bool)
+        mask[end : end + len(gold)] = True
+        mask_other = ~mask
+        mask_other[0] = False  # the first token is never a target
+        answer.append(float(w[mask].mean()))
+        other.append(float(w[mask_other].mean()))
+    return {"answer": sum(answer) / len(answer), "other": sum(other) / len(other), "n": len(answer)}
 
 
 def _continue(model: PerkModel, memory, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
@@ -265,6 +297,9 @@ def main(argv=None) -> dict:
             results[spec][name] = probe(run["perk"], examples, task, model=model, batch_size=args.batch_size,
                                         max_new_tokens=recipe.max_new_tokens)
             bar.update(1)
+        if run["perk"].weighting is not None:
+            results[spec]["PERK"]["weights"] = token_weights(run["perk"], examples,
+                                                            [fact_prefix(task, ex) for ex in examples])
     bar.close()
     width = max(len(r) for r in rows)
     head = f"{'memory':<{width}}  " + "  ".join(f"{s:>26}" for s in specs)
@@ -276,6 +311,10 @@ def main(argv=None) -> dict:
             r = results[spec][name]
             cells.append(f"{100 * r['answer']:>12.0f}%{100 * r['in_place']:>6.0f}%{100 * r['alone']:>6.0f}%")
         lines.append(f"{name:<{width}}  " + "  ".join(f"{c:>26}" for c in cells))
+    if all("weights" in results[s]["PERK"] for s in specs):
+        lines.append(f"{'PERK writer weight':<{width}}  " + "  ".join(
+            f"{'answer %.3f / other %.3f' % (results[s]['PERK']['weights']['answer'], results[s]['PERK']['weights']['other']):>26}"
+            for s in specs))
     table = "\n".join(lines)
     print(f"demo_probe: {args.assets}, {length} tokens, documents of {doc}, seed {args.seed!r}, n={args.n} per task")
     print(table)

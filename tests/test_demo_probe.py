@@ -108,9 +108,35 @@ def test_the_probe_runs_end_to_end_and_reads_the_shipped_needle_memory(tmp_path,
     # the code where it read it; without a memory nothing comes back
     assert rows["PERK"]["answer"] >= 0.75 and rows["PERK"]["in_place"] >= 0.75
     assert rows["no memory"]["answer"] == 0 and rows["no memory"]["in_place"] == 0
+    assert rows["PERK"]["weights"]["n"] == 8 and "PERK writer weight" in printed
     with pytest.raises(SystemExit, match="demo's own seeds"):
         probe.main(["--seed", "demo-eval", "--out", str(out)])
     with pytest.raises(SystemExit, match="--ttt item '16' is invalid"):
         probe.main(["--assets", ASSETS_DIR, "--ttt", "16", "--out", str(out)])
     with pytest.raises(SystemExit, match="-n 0 is invalid"):
         probe.main(["-n", "0", "--out", str(out)])
+
+
+def test_the_writer_weights_the_needles_code_and_a_reset_writer_weights_every_token_alike(shipped):
+    import math
+
+    from perk_fast.demo_train import reset_meta_parameters
+
+    perk = shipped["perk"]
+    task, examples = _examples("needle:3", n=5, length=512)
+    prefixes = [probe.fact_prefix(task, ex) for ex in examples]
+    w = probe.token_weights(perk, examples, prefixes)
+    assert w["n"] == 5
+    # the shipped model was meta-trained on needles: its writer puts the code far above the rest
+    assert w["answer"] > 3 * w["other"], w
+    saved = {k: v.detach().clone() for k, v in perk.weighting.state_dict().items()}
+    try:
+        reset_meta_parameters(perk, ["weighting"])
+        flat = probe.token_weights(perk, examples, prefixes)
+        assert flat["answer"] == pytest.approx(math.log(2) / 3, rel=1e-6)
+        assert flat["other"] == pytest.approx(math.log(2) / 3, rel=1e-6)
+    finally:
+        perk.weighting.load_state_dict(saved)
+    bad = [p + "x" for p in prefixes[:1]]
+    with pytest.raises(ValueError, match="not in its segments"):
+        probe.token_weights(perk, examples[:1], bad)
