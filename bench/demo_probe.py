@@ -122,25 +122,33 @@ def token_weights(perk: PerkModel, examples: list, prefixes: list[str]) -> dict:
     """The meta-learned inner-loss weights the writer gives, at its first inner step (the memory at
     its meta-learned initialisation), to the answer tokens of the asked fact against every other
     token of the same segment: mean of each over the examples' segments. A token at position p is
-    weighted ``weighting(h_p)``, as in :meth:`PerkModel.inner_loss`. ValueError when ``perk`` has no
-    weighting model."""
+    weighted ``weighting(h_p)``, as in :meth:`PerkModel.inner_loss`; an answer cut by the segment's end
+    counts its tokens inside the segment, one wholly in the next segment is skipped (``skipped``).
+    ValueError when ``perk`` has no weighting model or the segment contradicts the answer."""
     if perk.weighting is None:
         raise ValueError("token_weights: this PerkModel has no weighting model (weighted_loss=False)")
-    answer, other = [], []
+    answer, other, skipped = [], [], 0
     for ex, prefix in zip(examples, prefixes):
         ids, end = fact_segment(perk, ex, prefix)
         gold = _ids(perk.tokenizer, ex.answer)
-        if ids[end : end + len(gold)] != gold:
+        inside = ids[end : end + len(gold)]  # a segment may end inside (or right before) the answer
+        if inside != gold[: len(inside)]:
             raise ValueError(f"example {ex.meta.get('index')}: the answer {ex.answer!r} does not follow {prefix!r}")
+        if not inside:
+            skipped += 1
+            continue
         x = torch.tensor([ids], device=perk.device)
         w = perk.weighting(perk.hidden_states(x, perk.initial_adapters(1), seed=None, second_order=False))[0]
         mask = torch.zeros(len(ids), dtype=torch.bool)
-        mask[end : end + len(gold)] = True
+        mask[end : end + len(inside)] = True
         mask_other = ~mask
         mask_other[0] = False  # the first token is never a target
         answer.append(float(w[mask].mean()))
         other.append(float(w[mask_other].mean()))
-    return {"answer": sum(answer) / len(answer), "other": sum(other) / len(other), "n": len(answer)}
+    if not answer:
+        raise ValueError("token_weights: no example has an answer token inside the segment of its fact")
+    return {"answer": sum(answer) / len(answer), "other": sum(other) / len(other), "n": len(answer),
+            "skipped": skipped}
 
 
 def _continue(model: PerkModel, memory, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
@@ -293,13 +301,15 @@ def main(argv=None) -> dict:
             kw["with_support"] = True  # the asked fact's sentence (the question prompt does not show it)
         examples = generate(task, args.n, seed=f"{args.seed}/{spec}", context_tokens=length, doc_tokens=doc, **kw)
         results[spec] = {}
+        weights = None
+        if run["perk"].weighting is not None:
+            weights = token_weights(run["perk"], examples, [fact_prefix(task, ex) for ex in examples])
         for name, model in rows.items():
             results[spec][name] = probe(run["perk"], examples, task, model=model, batch_size=args.batch_size,
                                         max_new_tokens=recipe.max_new_tokens)
             bar.update(1)
-        if run["perk"].weighting is not None:
-            results[spec]["PERK"]["weights"] = token_weights(run["perk"], examples,
-                                                            [fact_prefix(task, ex) for ex in examples])
+        if weights is not None and "PERK" in results[spec]:
+            results[spec]["PERK"]["weights"] = weights
     bar.close()
     width = max(len(r) for r in rows)
     head = f"{'memory':<{width}}  " + "  ".join(f"{s:>26}" for s in specs)
@@ -311,7 +321,7 @@ def main(argv=None) -> dict:
             r = results[spec][name]
             cells.append(f"{100 * r['answer']:>12.0f}%{100 * r['in_place']:>6.0f}%{100 * r['alone']:>6.0f}%")
         lines.append(f"{name:<{width}}  " + "  ".join(f"{c:>26}" for c in cells))
-    if all("weights" in results[s]["PERK"] for s in specs):
+    if all("weights" in results[s].get("PERK", {}) for s in specs):
         lines.append(f"{'PERK writer weight':<{width}}  " + "  ".join(
             f"{'answer %.3f / other %.3f' % (results[s]['PERK']['weights']['answer'], results[s]['PERK']['weights']['other']):>26}"
             for s in specs))

@@ -140,3 +140,25 @@ def test_the_writer_weights_the_needles_code_and_a_reset_writer_weights_every_to
     bad = [p + "x" for p in prefixes[:1]]
     with pytest.raises(ValueError, match="not in its segments"):
         probe.token_weights(perk, examples[:1], bad)
+
+
+def test_an_answer_cut_by_the_segment_end_counts_its_tokens_inside_and_one_outside_is_skipped(shipped, monkeypatch):
+    perk = shipped["perk"]
+    task, examples = _examples("needle:3", n=2, length=512)
+    prefixes = [probe.fact_prefix(task, ex) for ex in examples]
+    real = probe.fact_segment
+    whole = probe.token_weights(perk, examples, prefixes)
+    assert whole["skipped"] == 0
+
+    def cut(keep):
+        def segment(model, ex, prefix):
+            ids, end = real(model, ex, prefix)
+            return ids[: end + keep], end
+        return segment
+
+    monkeypatch.setattr(probe, "fact_segment", cut(2))  # the first two digits of the code inside
+    part = probe.token_weights(perk, examples, prefixes)
+    assert part["n"] == 2 and part["skipped"] == 0 and part["answer"] != whole["answer"]
+    monkeypatch.setattr(probe, "fact_segment", cut(0))  # the code wholly in the next segment
+    with pytest.raises(ValueError, match="no example has an answer token"):
+        probe.token_weights(perk, examples, prefixes)
