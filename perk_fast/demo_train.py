@@ -558,21 +558,27 @@ def _rank_worker(rank: int, world: int, port: int, tmp: str, recipe_dict: dict) 
     from . import distributed
 
     distributed.setup()  # the process group first: meta_train_joint then trains here, it does not spawn again
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    recipe = recipe_from_dict(recipe_dict)
-    base = load_base(os.path.join(tmp, "base"))
-    perk_model = PerkModel.load(os.path.join(tmp, "perk"), base, ByteTokenizer())
-    data = torch.load(os.path.join(tmp, "data.pt"), weights_only=False)
-    history = meta_train_joint(perk_model, data["dataset"], recipe, dev=data["dev"],
-                               log=_print if rank == 0 else (lambda *a, **k: None),
-                               checkpoint_dir=data["checkpoint_dir"], resume=data["resume"])
-    if rank == 0:
-        out = os.path.join(tmp, "result")
-        perk_model.hf_model.save_pretrained(os.path.join(out, "base"))
-        perk_model.save(out)
-        with open(os.path.join(out, "history.json"), "w") as fh:
-            json.dump(history, fh)
+    try:
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        recipe = recipe_from_dict(recipe_dict)
+        base = load_base(os.path.join(tmp, "base"))
+        perk_model = PerkModel.load(os.path.join(tmp, "perk"), base, ByteTokenizer())
+        data = torch.load(os.path.join(tmp, "data.pt"), weights_only=False)
+        history = meta_train_joint(perk_model, data["dataset"], recipe, dev=data["dev"],
+                                   log=_print if rank == 0 else (lambda *a, **k: None),
+                                   checkpoint_dir=data["checkpoint_dir"], resume=data["resume"])
+        if rank == 0:
+            out = os.path.join(tmp, "result")
+            perk_model.hf_model.save_pretrained(os.path.join(out, "base"))
+            perk_model.save(out)
+            with open(os.path.join(out, "history.json"), "w") as fh:
+                json.dump(history, fh)
+        torch.distributed.barrier()  # every rank leaves together, after rank 0 has saved
+    finally:
+        # the group is torn down here, not at the spawned process's exit: a rank whose gloo threads
+        # outlived the group was seen to abort ("terminate called without an active exception")
+        distributed._destroy_own_group()
 
 
 def recipe_from_dict(fields: dict) -> DemoRecipe:
