@@ -119,6 +119,11 @@ def worker(rank: int, world: int, port: int, out: str, jobs: list[dict]) -> None
             results[job["id"]] = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc(),
                                   "seconds": time.perf_counter() - start}
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # torn down here, not at the spawned process's exit (gloo threads can abort it)
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _torchrun_main(out: str) -> None:
