@@ -302,13 +302,13 @@ def main(argv=None) -> dict:
         examples = generate(task, args.n, seed=f"{args.seed}/{spec}", context_tokens=length, doc_tokens=doc, **kw)
         results[spec] = {}
         weights = None
-        if run["perk"].weighting is not None:
+        if "PERK" in rows and run["perk"].weighting is not None:
             weights = token_weights(run["perk"], examples, [fact_prefix(task, ex) for ex in examples])
         for name, model in rows.items():
             results[spec][name] = probe(run["perk"], examples, task, model=model, batch_size=args.batch_size,
                                         max_new_tokens=recipe.max_new_tokens)
             bar.update(1)
-        if weights is not None and "PERK" in results[spec]:
+        if weights is not None:
             results[spec]["PERK"]["weights"] = weights
     bar.close()
     width = max(len(r) for r in rows)

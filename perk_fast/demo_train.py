@@ -578,7 +578,7 @@ def _rank_worker(rank: int, world: int, port: int, tmp: str, recipe_dict: dict) 
     finally:
         # the group is torn down here, not at the spawned process's exit: a rank whose gloo threads
         # outlived the group was seen to abort ("terminate called without an active exception")
-        distributed._destroy_own_group()
+        distributed.teardown()
 
 
 def recipe_from_dict(fields: dict) -> DemoRecipe:
@@ -1005,9 +1005,9 @@ def _same_recipe(report: dict, recipe: DemoRecipe) -> bool:
     mine = json.loads(json.dumps(recipe.to_dict()))
     theirs = dict(report.get("recipe", {}))
     defaults = json.loads(json.dumps(DemoRecipe().to_dict()))
-    for name in [k for k in mine if k != "init_from" and k not in theirs and mine[k] == defaults[k]]:
+    a, b = mine.pop("init_from"), theirs.pop("init_from", None)  # compared as folders, below
+    for name in [k for k in mine if k not in theirs and mine[k] == defaults[k]]:
         mine.pop(name)  # a field added after that run was written: its default is what the run did
-    a, b = mine.pop("init_from"), theirs.pop("init_from", None)
     same_start = (a is None and b is None) or (a is not None and b is not None
                                                and os.path.realpath(a) == os.path.realpath(b))
     return mine == theirs and same_start

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 __all__ = [
     "DistContext", "setup", "context", "slice_bounds", "all_reduce_gradients", "all_reduce_sum", "any_rank_failed",
-    "broadcast_object", "RankFailed",
+    "broadcast_object", "RankFailed", "teardown",
 ]
 
 DEFAULT_TIMEOUT_S = 600
@@ -102,14 +102,17 @@ def setup(backend: str | None = None) -> DistContext:
         dist.init_process_group(backend=backend, timeout=timeout())
         # the group this module made is destroyed at exit: left to the interpreter's teardown, gloo's
         # threads were seen to abort a rank ("terminate called without an active exception", SIGABRT)
-        atexit.register(_destroy_own_group)
+        atexit.register(teardown)
         ctx = context()
     if torch.cuda.is_available() and ctx.active:
         torch.cuda.set_device(ctx.local_rank)
     return ctx
 
 
-def _destroy_own_group() -> None:
+def teardown() -> None:
+    """Destroy the current process group, if one is initialised (nothing otherwise). A spawned or
+    torchrun worker calls it before it exits: left to the interpreter's teardown, gloo's threads
+    were seen to abort a rank. :func:`setup` registers it at exit for a group it made."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

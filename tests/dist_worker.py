@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from perk_fast import PerkConfig, PerkModel, meta_train  # noqa: E402
 from perk_fast import train as train_module  # noqa: E402
+from perk_fast.distributed import teardown  # noqa: E402
 from perk_fast.seeds import call_seed  # noqa: E402
 
 from tiny_models import TOKENIZER, perturb_lora_b, tiny_gpt2  # noqa: E402
@@ -121,9 +122,9 @@ def worker(rank: int, world: int, port: int, out: str, jobs: list[dict]) -> None
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     import torch.distributed as dist
 
-    if dist.is_initialized():  # torn down here, not at the spawned process's exit (gloo threads can abort it)
+    if dist.is_initialized():  # every rank leaves together; the group is torn down here, not at exit
         dist.barrier()
-        dist.destroy_process_group()
+    teardown()
 
 
 def _torchrun_main(out: str) -> None:
