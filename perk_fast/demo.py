@@ -123,10 +123,17 @@ def demo_seed(report: dict) -> str:
     return final["seed"] if final else report["recipe"].get("eval_seed", SEEDS["eval"])
 
 
-def main(n: int = 50, *, assets_dir: str = ASSETS_DIR, threads: int = 2, seed: str | None = None,
+def default_n(recipe: DemoRecipe) -> int:
+    """Held-out examples per table cell when ``-n`` is not given: 50 for up to 3 tables, fewer for more
+    (``150 // tables``, at least 10) so that the demo stays under 3 minutes on 2 cores."""
+    tables = len(recipe.tasks_for_eval())
+    return max(10, min(50, 150 // tables))
+
+
+def main(n: int | None = None, *, assets_dir: str = ASSETS_DIR, threads: int = 2, seed: str | None = None,
          out_dir: str | None = None, log=print) -> dict:
-    """Run the demo with ``n`` held-out examples per table cell (seed: :func:`demo_seed` unless
-    given); returns the numbers."""
+    """Run the demo with ``n`` held-out examples per table cell (default :func:`default_n`; seed:
+    :func:`demo_seed` unless given); returns the numbers."""
     start = time.perf_counter()
     torch.set_num_threads(threads)
     from transformers.utils import logging as hf_logging
@@ -135,6 +142,10 @@ def main(n: int = 50, *, assets_dir: str = ASSETS_DIR, threads: int = 2, seed: s
     hf_logging.disable_progress_bar()
     demo = load_demo(assets_dir)
     recipe, report = demo.recipe, demo.report
+    if n is None:
+        n = default_n(recipe)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n={n!r} is invalid: allowed an integer >= 1 (held-out examples per table cell)")
     seed = demo_seed(report) if seed is None else seed
     perk_cfg = demo.perk.config
     log(f"perk_fast demo: byte-level Llama (d={recipe.hidden_size}, {recipe.num_hidden_layers} layers, "
@@ -165,7 +176,8 @@ def main(n: int = 50, *, assets_dir: str = ASSETS_DIR, threads: int = 2, seed: s
 
 def _cli(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m perk_fast.demo", description=__doc__.split("\n\n")[0])
-    ap.add_argument("-n", type=int, default=50, help="held-out examples per table cell (default 50)")
+    ap.add_argument("-n", type=int, default=None, help="held-out examples per table cell (default: 50 for up to "
+                    "3 tables, 150 // tables for more: 30 for the 5 tables of the mix)")
     ap.add_argument("--assets", default=ASSETS_DIR, help="demo assets directory")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", default=None, help="held-out seed (default: the one of the run's final evaluation)")

@@ -870,9 +870,9 @@ def _parse(argv=None) -> "tuple[DemoRecipe, str, str | None, str | None, bool] |
                     help=f"a chain: examples per cell of the final held-out evaluation (seed {SEEDS['final']!r}; "
                          "0 skips it)")
     ap.add_argument("--adopt", default=None,
-                    help="a chain: comma-separated folders of runs already trained, one per stage in order; checks "
-                         "their recipes, copies the last one's models to --out and runs the final evaluation "
-                         "(no training)")
+                    help="a chain: comma-separated folders of runs already trained, one per stage in order, or "
+                         "'recorded' for the chain's recorded runs in bench/results; checks their recipes, copies "
+                         "the last one's models to --out and runs the final evaluation (no training)")
     ap.add_argument("--out", default=ASSETS_DIR, help="output directory (default: the shipped assets)")
     ap.add_argument("--eval-out", default=None,
                     help="where the held-out predictions go (default: bench/results/demo_eval for the shipped "
@@ -973,6 +973,7 @@ class ChainStage:
 
     name: str
     recipe: DemoRecipe
+    recorded: str | None = None  # the folder of this stage's recorded run (bench/results/...), for --adopt recorded
 
 
 # The binding recipe: needles among 0-7 other people's codes, over documents shorter and longer than a
@@ -986,13 +987,38 @@ _BINDING = DemoRecipe(
     meta_steps=1000, meta_lr=3e-4, lr_lr=1.5e-5, base_lr=9e-5, icr_long_steps=2000, eval_n=30, dev_n=40,
     dev_every=250, ranks=2,
 )
+_RESULTS = os.path.dirname(SHIPPED_EVAL_DIR)  # bench/results of the repository
+_BINDING_STAGES = (
+    ChainStage("curriculum", dataclasses.replace(_BINDING, warmup_mix=("needle:0",), warmup_meta_steps=300,
+                                                 meta_lr=1e-3, lr_lr=5e-5, base_lr=3e-4, dev_every=200),
+               os.path.join(_RESULTS, "demo_curriculum", "assets")),
+    ChainStage("to-2500", dataclasses.replace(_BINDING, meta_steps=1500, icr_long_steps=3000),
+               os.path.join(_RESULTS, "demo_curriculum2", "assets")),
+    ChainStage("to-3500", _BINDING, os.path.join(_RESULTS, "demo_curriculum3", "assets")),
+    ChainStage("to-4500", _BINDING, os.path.join(_RESULTS, "demo_curriculum4", "assets")),
+)
+# The mix recipe (issue's task mix): needles with 1, 4 and 8 codes, BabiLong-like qa1 (twice) and qa2,
+# student-records recall (twice), same model and memory as the binding chain; answers of up to 32 tokens
+# (records), documents of 192 tokens in the evaluation.
+_MIX = dataclasses.replace(
+    _BINDING, mix=("needle:0", "needle:3", "needle:7", "qa1", "qa1", "qa2", "records_recall", "records_recall"),
+    eval_tasks=("needle:0", "needle:3", "qa1", "qa2", "records_recall"), meta_steps=2000, icr_long_steps=4000,
+    dev_every=500, eval_doc_tokens=192, max_new_tokens=32)
 CHAINS = {
-    "binding": (
-        ChainStage("curriculum", dataclasses.replace(_BINDING, warmup_mix=("needle:0",), warmup_meta_steps=300,
-                                                     meta_lr=1e-3, lr_lr=5e-5, base_lr=3e-4, dev_every=200)),
-        ChainStage("to-2500", dataclasses.replace(_BINDING, meta_steps=1500, icr_long_steps=3000)),
-        ChainStage("to-3500", _BINDING),
-        ChainStage("to-4500", _BINDING),
+    "binding": _BINDING_STAGES,
+    # the binding chain, then 1,000 steps with qa1 and records added (its token-weighting writer, trained on
+    # needles only, then gives qa1 answers weight 0), then the mix with that writer reset to uniform weights,
+    # then the same mix 2,000 steps more: 9,500 meta-steps (bench/results/demo_curriculum{5,8,9})
+    "mix": _BINDING_STAGES + (
+        ChainStage("qa-records", dataclasses.replace(
+            _BINDING, mix=("needle:0", "needle:1", "needle:3", "needle:5", "needle:7", "qa1", "records_recall"),
+            eval_tasks=("needle:0", "needle:3", "qa1", "records_recall"), eval_doc_tokens=192, max_new_tokens=32),
+            os.path.join(_RESULTS, "demo_curriculum5", "assets")),
+        # (init_from is replaced by the previous stage's folder when the chain runs; a reset needs one)
+        ChainStage("mix", dataclasses.replace(_MIX, reset_meta=("weighting",), init_from=os.path.join(
+            _RESULTS, "demo_curriculum5", "assets")),
+                   os.path.join(_RESULTS, "demo_curriculum8", "assets")),
+        ChainStage("mix-to-9500", _MIX, os.path.join(_RESULTS, "demo_curriculum9", "assets")),
     ),
 }
 SHIPPED_CHAIN = "binding"
@@ -1079,13 +1105,19 @@ def train_chain(name: str, out_dir: str, *, work_dir: str | None = None, eval_di
 def adopt_chain(name: str, runs: list[str], out_dir: str = ASSETS_DIR, *, eval_dir: str | None = None,
                 final_n: int = FINAL_EVAL_N, log=_print) -> dict:
     """Make ``out_dir`` the result of chain ``name`` from runs already trained, one folder per stage
-    in order (e.g. the recorded runs in bench/results), instead of training them again: each run's
+    in order, or ``["recorded"]`` for the stages' recorded runs in bench/results (``ChainStage.recorded``),
+    instead of training them again: each run's
     recipe must be its stage's (same fields, ``init_from`` the previous run's folder; ValueError
     names the first that is not). The last run's models are copied to ``out_dir`` (its old content
     is replaced), then :func:`final_evaluation` as :func:`train_chain` ends. Returns the report."""
     import shutil
 
     stages = chain_stages(name, final_n)
+    if list(runs) == ["recorded"]:
+        missing = [st.name for st in stages if st.recorded is None]
+        if missing:
+            raise ValueError(f"chain {name!r}: stages {missing} have no recorded run; give one folder per stage")
+        runs = [st.recorded for st in stages]
     if len(runs) != len(stages):
         raise ValueError(f"chain {name!r} has {len(stages)} stages, {len(runs)} runs given")
     previous, summaries = None, []

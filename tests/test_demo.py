@@ -61,10 +61,10 @@ def test_report_records_recipe_chain_times_and_final_numbers():
 def test_the_shipped_chain_is_the_recorded_runs():
     """Every stage of the shipped chain has the recipe of the recorded run in bench/results (field by
     field; only the folder it continues differs), and the shipped model is the last one's."""
-    recorded = [os.path.join(os.path.dirname(SHIPPED_EVAL_DIR), name, "assets")
-                for name in ("demo_curriculum", "demo_curriculum2", "demo_curriculum3", "demo_curriculum4")]
     stages = CHAINS[SHIPPED_CHAIN]
-    assert len(stages) == len(recorded)
+    recorded = [stage.recorded for stage in stages]
+    assert all(r is not None and os.path.dirname(os.path.dirname(r)) == os.path.dirname(SHIPPED_EVAL_DIR)
+               for r in recorded), recorded
     previous = None
     for stage, folder in zip(stages, recorded):
         with open(os.path.join(folder, "train_report.json"), encoding="utf-8") as fh:
@@ -79,6 +79,23 @@ def test_the_shipped_chain_is_the_recorded_runs():
                       ("icr", "model.safetensors")):
         ours, theirs = (load_tensors(os.path.join(f, sub), name) for f in (ASSETS_DIR, recorded[-1]))
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), sub
+
+
+def test_every_chain_is_its_recorded_runs():
+    """Each chain's stages carry the folder of their recorded run; every recorded run present has its
+    stage's recipe, continuing the previous stage's recorded run (a run still training may be absent)."""
+    for name, stages in CHAINS.items():
+        previous = None
+        for stage in stages:
+            path = os.path.join(stage.recorded, "train_report.json")
+            if not os.path.exists(path):
+                break
+            with open(path, encoding="utf-8") as fh:
+                report = json.load(fh)
+            assert demo_train._same_recipe(report, dataclasses.replace(stage.recipe, init_from=previous)), \
+                (name, stage.name)
+            previous = stage.recorded
+        assert previous is not None, name
 
 
 def test_demo_models_load_and_match_their_bases():
@@ -337,6 +354,12 @@ def test_a_chain_runs_its_stages_in_order_and_goes_on_at_the_first_unfinished_on
         demo_train.adopt_chain("toy", [out, first], adopted, final_n=0)
     with pytest.raises(ValueError, match="2 stages, 1 runs"):
         demo_train.adopt_chain("toy", [first], adopted, final_n=0)
+    with pytest.raises(ValueError, match=r"stages \['first', 'second'\] have no recorded run"):
+        demo_train.adopt_chain("toy", ["recorded"], adopted, final_n=0)
+    monkeypatch.setitem(CHAINS, "toy", tuple(dataclasses.replace(st, recorded=f) for st, f in
+                                             zip(_toy_chain(), (first, out))))
+    assert em(demo_train.adopt_chain("toy", ["recorded"], adopted, final_n=1, log=lambda *a: None)) == em(report)
+    monkeypatch.setitem(CHAINS, "toy", _toy_chain())
     # finished stages are not trained again; a missing last stage is
     lines = []
     train_chain("toy", out, work_dir=work, final_n=0, log=lines.append)
