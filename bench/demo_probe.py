@@ -45,7 +45,7 @@ import torch
 
 from perk_fast import encode, evaluate
 from perk_fast.data import pad_id
-from perk_fast.demo_train import SEEDS, load_base, load_run, task_spec
+from perk_fast.demo_train import SEEDS, load_base, load_run, meta_state_for_steps, task_spec
 from perk_fast.generation import generate_continuations
 from perk_fast.model import PerkModel
 from perk_fast.tasks import generate
@@ -178,13 +178,7 @@ def with_inner_steps(perk: PerkModel, steps: int, base) -> PerkModel:
     if steps == perk.config.inner_steps:
         return perk
     other = PerkModel(base, perk.tokenizer, dataclasses.replace(perk.config, inner_steps=steps))
-    state = {k: v.detach().clone() for k, v in perk.named_meta_parameters()}
-    if "inner_lrs" in state:
-        lrs = state["inner_lrs"]
-        if steps > lrs.shape[1]:
-            lrs = torch.cat([lrs, lrs[:, -1:].expand(-1, steps - lrs.shape[1])], dim=1)
-        state["inner_lrs"] = lrs[:, :steps].contiguous()
-    other.load_meta_state(state)
+    other.load_meta_state(meta_state_for_steps(perk, steps))
     return other
 
 

@@ -276,6 +276,22 @@ def reset_meta_parameters(perk_model: PerkModel, names) -> None:
 
 
 
+def meta_state_for_steps(perk_model: PerkModel, steps: int) -> dict[str, torch.Tensor]:
+    """A copy of ``perk_model``'s meta-parameters for a PerkModel with ``steps`` inner steps: the
+    learned inner learning rates (one column per step) keep their first ``steps`` columns, and steps
+    beyond the learned ones take the last learned step's rates; the other meta-parameters do not
+    depend on the number of steps. ValueError names a bad ``steps``."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps={steps!r} is invalid: allowed an integer >= 1 (inner steps)")
+    state = {k: v.detach().clone() for k, v in perk_model.named_meta_parameters()}
+    lrs = state.get("inner_lrs")
+    if lrs is not None:
+        if steps > lrs.shape[1]:
+            lrs = torch.cat([lrs, lrs[:, -1:].expand(-1, steps - lrs.shape[1])], dim=1)
+        state["inner_lrs"] = lrs[:, :steps].contiguous()
+    return state
+
+
 def build_base(recipe: DemoRecipe, tokenizer: ByteTokenizer) -> torch.nn.Module:
     """A randomly initialised Llama-shaped LM (seeded)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -408,14 +424,15 @@ def read_earlier_run(path: str) -> dict:
 
 def check_continuation(recipe: DemoRecipe, earlier: dict) -> None:
     """Raise ValueError when ``recipe`` cannot continue the run whose ``train_report.json`` is
-    ``earlier``: its model shape and memory shape must match."""
+    ``earlier``: its model shape and memory shape must match (the number of inner steps may differ:
+    :func:`meta_state_for_steps`)."""
     before = earlier["recipe"]
     for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                  "max_position_embeddings"):
         if before[name] != getattr(recipe, name):
             raise ValueError(f"init_from={recipe.init_from!r}: its {name}={before[name]} differs from the "
                              f"recipe's {getattr(recipe, name)}")
-    for name in ("lora_rank", "inner_steps", "inner_optimizer", "segment_len"):
+    for name in ("lora_rank", "inner_optimizer", "segment_len"):  # inner_steps may grow: meta_state_for_steps
         if before["perk"].get(name) != recipe.perk.get(name):
             raise ValueError(f"init_from={recipe.init_from!r}: its perk {name}={before['perk'].get(name)!r} "
                              f"differs from the recipe's {recipe.perk.get(name)!r}")
@@ -744,7 +761,12 @@ def train(recipe: DemoRecipe, out_dir: str, log=_print, eval_dir: str | None = N
         # (on a copy of the base: one PerkModel per HF model)
         earlier_perk = PerkModel.load(os.path.join(recipe.init_from, "perk"), copy.deepcopy(perk_base), tokenizer)
         perk_model = PerkModel(perk_base, tokenizer, recipe.perk_config())
-        perk_model.load_meta_state({k: v.detach() for k, v in earlier_perk.named_meta_parameters()})
+        steps, earlier_steps = perk_model.config.inner_steps, earlier_perk.config.inner_steps
+        perk_model.load_meta_state(meta_state_for_steps(earlier_perk, steps))
+        if steps != earlier_steps:
+            log(f"  inner steps {earlier_steps} -> {steps}: " + (
+                f"steps {earlier_steps + 1}-{steps} start from the learned rates of step {earlier_steps}"
+                if steps > earlier_steps else f"the learned rates of the first {steps} steps are kept"))
         del earlier_perk
         if recipe.reset_meta:
             reset_meta_parameters(perk_model, recipe.reset_meta)

@@ -309,6 +309,28 @@ def test_a_continuation_starts_from_the_earlier_run_on_fresh_examples(tmp_path):
     assert train_seed(0) != train_seed(2) and not old & new
     report3 = train_main(toy + ["--out", third, "--meta-steps", "1", "--icr-long-steps", "0", "--init-from", second])
     assert report3["steps_before"] == {"perk": 3, "icr": 3, "icr_long": 6}
+    # more inner steps: the learned rates of the earlier steps are kept, the new steps start from the last's
+    steps = RECIPES["needle"].perk["inner_steps"]
+    longer = str(tmp_path / "longer")
+    lines = []
+    train(dataclasses.replace(recipe_from_dict(report["recipe"]), perk=dict(report["recipe"]["perk"],
+                                                                             inner_steps=steps + 2),
+                              init_from=second, meta_steps=1, icr_long_steps=0, lm_contexts=16, lm_batch=4,
+                              lm_steps=2, eval_n=0, meta_lr=1e-12, lr_lr=1e-12, base_lr=0.0),
+          longer, log=lines.append)
+    assert any(f"inner steps {steps} -> {steps + 2}" in line for line in lines), lines
+    lrs = load_tensors(os.path.join(longer, "perk"), "meta_parameters.safetensors")["inner_lrs"]
+    assert lrs.shape == (after["inner_lrs"].shape[0], steps + 2)
+    torch.testing.assert_close(lrs[:, :steps], after["inner_lrs"], atol=1e-9, rtol=0)
+    torch.testing.assert_close(lrs[:, steps:], after["inner_lrs"][:, -1:].expand(-1, 2), atol=1e-9, rtol=0)
+    assert PerkModel.load(os.path.join(longer, "perk"), load_base(os.path.join(longer, "perk", "base")),
+                          ByteTokenizer()).config.inner_steps == steps + 2
+    with pytest.raises(ValueError, match="steps=0 is invalid"):
+        demo_train.meta_state_for_steps(fresh, 0)
+    assert demo_train.meta_state_for_steps(fresh, 2)["inner_lrs"].shape[1] == 2
+    with pytest.raises(ValueError, match="lora_rank"):
+        train(dataclasses.replace(RECIPES["needle"], init_from=first, perk=dict(RECIPES["needle"].perk, lora_rank=2)),
+              str(tmp_path / "x"), log=lines.append)
 
     lines = []
     with pytest.raises(FileNotFoundError, match="missing"):
