@@ -1,17 +1,17 @@
-"""PERK at work on the shipped demo model: ``python -m perk_fast.demo`` (about 2 minutes on 2 CPU cores).
+"""PERK at work on the shipped demo model: ``python -m perk_fast.demo`` (under 3 minutes on 2 CPU cores).
 
 1. Loads the demo (``perk_fast/assets/demo``, trained by ``python -m perk_fast.demo_train``, the
-   ``binding`` chain): a small byte-level Llama-shaped LM meta-trained with PERK to bind codes to
-   people (needles among 0-7 other people's codes), its stage-1 base (for plain test-time
-   training) and the FT-ICR baselines.
+   ``mix`` chain): a small byte-level Llama-shaped LM meta-trained with PERK on needles among 0-7
+   other people's codes, BabiLong-like qa1 / qa2 and student-records recall, its stage-1 base (for
+   plain test-time training) and the FT-ICR baselines.
 2. Prints exact match on held-out contexts (the seed of the model's final evaluation, never used in
    training or in recipe choices), one table per task of the recipe (the shipped model: one code,
-   and 4 codes with one asked; ``--assets`` of another run: its tasks, e.g. BabiLong-like qa1 /
-   qa2 and student-records recall for a multi-task run), for (a) PERK, (b) plain test-time
-   training of an untrained adapter on the same base (no meta-learning), (c) the fine-tuned
-   in-context baseline (context in the prompt) with PERK's training budget and with k times its
-   examples, at the training length and at 4x it, with the fact in the first / middle / last third
-   of the context.
+   4 codes with one asked, qa1, qa2, records recall; ``--assets`` of another run: its tasks), for
+   (a) PERK, (b) plain test-time training of an untrained adapter on the same base (no
+   meta-learning), (c) the fine-tuned in-context baseline (context in the prompt) with PERK's
+   training budget and with k times its examples, at the training length and at 4x it, with the
+   fact in the first / middle / last third of the context (where the facts fill more than a third
+   of the context, anywhere).
 3. Encodes one context once, saves the Memory, loads it back and answers several questions from
    it (a model trained on several codes per context: questions about the different people of that
    context).

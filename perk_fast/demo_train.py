@@ -1,20 +1,30 @@
 """Train the demo model shipped in ``perk_fast/assets/demo`` (CPU, seeded, reproducible).
 
-    python -m perk_fast.demo_train                 # the shipped chain (binding), writes perk_fast/assets/demo
+    python -m perk_fast.demo_train                 # the shipped chain (mix), writes perk_fast/assets/demo
     python -m perk_fast.demo_train --checkpoint-dir C --resume   # go on where an interrupted chain stopped
+    python -m perk_fast.demo_train --adopt recorded # the shipped files from the chain's recorded runs
+    python -m perk_fast.demo_train --recipe binding # the earlier, needles-only chain
     python -m perk_fast.demo_train --recipe needle --out /tmp/x  # one run of a recipe (needle, multi)
     python -m perk_fast.demo_train --recipe needle --meta-steps 300 --eval-n 16 --out /tmp/x   # a quick look
 
-The shipped model is the end of a *chain* of runs (``CHAINS["binding"]``): needles among 0 to 7 other
-people's codes (one asked) over documents shorter and longer than a segment, a d=96 Llama (265 k
-weights), rank-16 memory, meta-trained on 2 gloo processes. A curriculum run (single needles for its
-first 300 steps) and three continuations of it (``init_from``, 0.3x the learning rates), 4,500
-meta-steps in all, about 2.5 hours of training on 2 cores (151 min recorded). Each stage is an
-ordinary run (below); the chain writes the first three under ``bench/results/demo_chain/binding``
-(``--work-dir``), skips a stage already finished there, and ends with the final held-out evaluation
-(seed ``demo-final``, 100 examples per cell, stored as ``final_eval`` in ``train_report.json``; the
-predictions in ``bench/results/demo_eval``). The shipped files come from the recorded runs of
-``bench/results/demo_curriculum{,2,3,4}`` (``--adopt``: recipes checked stage by stage, no retraining).
+The shipped model is the end of a *chain* of runs (``CHAINS["mix"]``), a d=96 Llama (265 k
+weights) with a rank-16 memory, meta-trained on 2 gloo processes, 9,500 meta-steps in all:
+
+* the ``binding`` chain (4 runs, 4,500 steps, 151 min): needles among 0 to 7 other people's codes
+  (one asked) over documents shorter and longer than a segment. A curriculum run (single needles
+  for its first 300 steps) and three continuations of it (``init_from``, 0.3x the learning rates);
+* 1,000 steps with BabiLong-like qa1 and student-records recall added (46 min);
+* the issue's mix (needles with 1 / 4 / 8 codes, qa1, qa2, records recall) with the token-weighting
+  writer reset to uniform weights (``reset_meta``: trained on needles only, it gave qa1 answers
+  weight 0), 2,000 steps (42 min), and the same mix 2,000 steps more (46 min).
+
+About 4.8 hours of training on 2 cores (285 min recorded). Each stage is an ordinary run (below); the chain
+writes all but the last under ``bench/results/demo_chain/<chain>`` (``--work-dir``), skips a stage
+already finished there (so it can be split over sessions), and ends with the final held-out
+evaluation (seed ``demo-final``, 100 examples per cell, stored as ``final_eval`` in
+``train_report.json``; the predictions in ``bench/results/demo_eval``). The shipped files come from
+the recorded runs ``bench/results/demo_curriculum{,2,3,4,5,8,9}`` (``--adopt recorded``: recipes
+checked stage by stage, no retraining).
 
 One run has three stages, every one from the seeded generators of :mod:`perk_fast.tasks` (here as
 for ``--recipe needle``, the single-needle model shipped before the chain, now in
@@ -857,7 +867,7 @@ def train(recipe: DemoRecipe, out_dir: str, log=_print, eval_dir: str | None = N
 
 @dataclass(frozen=True)
 class ChainArgs:
-    """The command line of a chain (``--recipe binding``): where it writes, and how it resumes."""
+    """The command line of a chain (``--recipe mix``): where it writes, and how it resumes."""
 
     name: str
     out: str
@@ -883,8 +893,8 @@ def _parse(argv=None) -> "tuple[DemoRecipe, str, str | None, str | None, bool] |
     ap = argparse.ArgumentParser(prog="python -m perk_fast.demo_train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipe", default=SHIPPED_CHAIN, choices=names,
                     help=f"{SHIPPED_CHAIN} (default): the shipped model, a chain of {len(CHAINS[SHIPPED_CHAIN])} runs "
-                         "(needles among other people's codes); needle: the earlier single-needle model; multi: the "
-                         "multi-task experiment (bench/results/demo_multi)")
+                         "(needles, qa1 / qa2, records recall); binding: the earlier needles-only chain; needle: the "
+                         "single-needle model; multi: the multi-task experiment (bench/results/demo_multi)")
     ap.add_argument("--work-dir", default=None,
                     help="a chain's stages but the last (default bench/results/demo_chain/NAME for the shipped "
                          "assets, OUT/stages otherwise); finished stages there are not trained again")
@@ -1043,7 +1053,7 @@ CHAINS = {
         ChainStage("mix-to-9500", _MIX, os.path.join(_RESULTS, "demo_curriculum9", "assets")),
     ),
 }
-SHIPPED_CHAIN = "binding"
+SHIPPED_CHAIN = "mix"
 FINAL_EVAL_N = 100  # examples per cell of the shipped model's final held-out tables
 
 

@@ -133,9 +133,10 @@ def test_training_data_never_overlaps_evaluation_seeds():
     recipe = CHAINS[SHIPPED_CHAIN][-1].recipe
     for spec in recipe.tasks_for_eval():
         task, kw = task_spec(spec)
-        held |= {" ".join(e.context) for e in generate(task, 32, seed=f"{SEEDS['final']}/{spec}",
-                                                       context_tokens=recipe.train_len, position="mid",
-                                                       doc_tokens=recipe.doc_tokens, **kw)}
+        seed = f"{SEEDS['final']}/{spec}"
+        for position in demo_train.cell_positions(recipe, spec, recipe.train_len, n=32, seed=seed):
+            held |= {" ".join(e.context) for e in generate(task, 32, seed=seed, context_tokens=recipe.train_len,
+                                                           position=position, doc_tokens=recipe.doc_tokens, **kw)}
     for stage in CHAINS[SHIPPED_CHAIN]:
         seed = train_seed(steps)
         assert SEEDS["final"] not in seed and SEEDS["eval"] not in seed

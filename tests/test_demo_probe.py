@@ -1,5 +1,6 @@
 """bench/demo_probe.py: the facts it cuts prompts from, the prompts themselves, the inner-step
-extension, and a small end-to-end run on the shipped demo model."""
+extension, and a small end-to-end run on the needles-only demo model (the last run of the binding
+chain, shipped before the mix chain: its writer is the one that weights a needle's code)."""
 from __future__ import annotations
 
 import importlib.util
@@ -9,9 +10,10 @@ import os
 import pytest
 import torch
 
-from perk_fast.demo_train import ASSETS_DIR, load_run, task_spec
+from perk_fast.demo_train import CHAINS, load_run, task_spec
 from perk_fast.tasks import generate
 
+ASSETS_DIR = CHAINS["binding"][-1].recorded  # bench/results/demo_curriculum4/assets
 _PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "demo_probe.py")
 _spec = importlib.util.spec_from_file_location("demo_probe", _PATH)
 probe = importlib.util.module_from_spec(_spec)
@@ -55,14 +57,14 @@ def test_a_context_without_the_fact_and_an_unknown_task_are_refused():
 
 
 @pytest.fixture(scope="module")
-def shipped():
+def binding():
     torch.manual_seed(0)
     return load_run(ASSETS_DIR)
 
 
 @pytest.mark.parametrize("spec", ["needle:3", "qa1", "records_recall"])
-def test_the_in_place_prompt_is_a_segment_cut_before_the_answer(shipped, spec):
-    perk, tok = shipped["perk"], shipped["tokenizer"]
+def test_the_in_place_prompt_is_a_segment_cut_before_the_answer(binding, spec):
+    perk, tok = binding["perk"], binding["tokenizer"]
     task, examples = _examples(spec, n=4, length=512)  # documents split over segments
     for ex in examples:
         prefix = probe.fact_prefix(task, ex)
@@ -76,8 +78,8 @@ def test_the_in_place_prompt_is_a_segment_cut_before_the_answer(shipped, spec):
         assert tok.decode(prompt, skip_special_tokens=True).endswith(prefix)
 
 
-def test_more_inner_steps_repeat_the_last_learned_rates(shipped):
-    perk = shipped["perk"]
+def test_more_inner_steps_repeat_the_last_learned_rates(binding):
+    perk = binding["perk"]
     T = perk.config.inner_steps
     assert probe.with_inner_steps(perk, T, None) is perk
     base = probe.load_base(os.path.join(ASSETS_DIR, "perk", "base"))
@@ -94,7 +96,7 @@ def test_more_inner_steps_repeat_the_last_learned_rates(shipped):
     torch.testing.assert_close(shorter.inner_lrs, perk.inner_lrs[:, :2], atol=0, rtol=0)
 
 
-def test_the_probe_runs_end_to_end_and_reads_the_shipped_needle_memory(tmp_path, capsys):
+def test_the_probe_runs_end_to_end_and_reads_the_binding_models_needle_memory(tmp_path, capsys):
     out = tmp_path / "probe.json"
     report = probe.main(["--assets", ASSETS_DIR, "--tasks", "needle:3", "-n", "8", "--inner-steps", "4",
                          "--ttt", "8x2", "--threads", str(torch.get_num_threads()), "--out", str(out)])
@@ -104,7 +106,7 @@ def test_the_probe_runs_end_to_end_and_reads_the_shipped_needle_memory(tmp_path,
     assert saved["results"].keys() == {"needle:3"}
     rows = saved["results"]["needle:3"]
     assert list(rows) == ["PERK", "TTT rank 8, 2 steps", "no memory"]
-    # the shipped binding model answers needles among 3 others (95-97 % held out) and its memory holds
+    # the binding model answers needles among 3 others (95-97 % held out) and its memory holds
     # the code where it read it; without a memory nothing comes back
     assert rows["PERK"]["answer"] >= 0.75 and rows["PERK"]["in_place"] >= 0.75
     assert rows["no memory"]["answer"] == 0 and rows["no memory"]["in_place"] == 0
@@ -117,17 +119,17 @@ def test_the_probe_runs_end_to_end_and_reads_the_shipped_needle_memory(tmp_path,
         probe.main(["-n", "0", "--out", str(out)])
 
 
-def test_the_writer_weights_the_needles_code_and_a_reset_writer_weights_every_token_alike(shipped):
+def test_the_writer_weights_the_needles_code_and_a_reset_writer_weights_every_token_alike(binding):
     import math
 
     from perk_fast.demo_train import reset_meta_parameters
 
-    perk = shipped["perk"]
+    perk = binding["perk"]
     task, examples = _examples("needle:3", n=5, length=512)
     prefixes = [probe.fact_prefix(task, ex) for ex in examples]
     w = probe.token_weights(perk, examples, prefixes)
     assert w["n"] == 5
-    # the shipped model was meta-trained on needles: its writer puts the code far above the rest
+    # the binding model was meta-trained on needles only: its writer puts the code far above the rest
     assert w["answer"] > 3 * w["other"], w
     saved = {k: v.detach().clone() for k, v in perk.weighting.state_dict().items()}
     try:
@@ -142,8 +144,8 @@ def test_the_writer_weights_the_needles_code_and_a_reset_writer_weights_every_to
         probe.token_weights(perk, examples[:1], bad)
 
 
-def test_an_answer_cut_by_the_segment_end_counts_its_tokens_inside_and_one_outside_is_skipped(shipped, monkeypatch):
-    perk = shipped["perk"]
+def test_an_answer_cut_by_the_segment_end_counts_its_tokens_inside_and_one_outside_is_skipped(binding, monkeypatch):
+    perk = binding["perk"]
     task, examples = _examples("needle:3", n=2, length=512)
     prefixes = [probe.fact_prefix(task, ex) for ex in examples]
     real = probe.fact_segment
