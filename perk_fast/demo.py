@@ -124,10 +124,10 @@ def demo_seed(report: dict) -> str:
 
 
 def default_n(recipe: DemoRecipe) -> int:
-    """Held-out examples per table cell when ``-n`` is not given: 50 for up to 3 tables, fewer for more
-    (``150 // tables``, at least 10) so that the demo stays under 3 minutes on 2 cores."""
+    """Held-out examples per table cell when ``-n`` is not given: 50 for up to 2 tables, fewer for more
+    (``125 // tables``, at least 10) so that the demo stays under 3 minutes on 2 cores."""
     tables = len(recipe.tasks_for_eval())
-    return max(10, min(50, 150 // tables))
+    return max(10, min(50, 125 // tables))
 
 
 def main(n: int | None = None, *, assets_dir: str = ASSETS_DIR, threads: int = 2, seed: str | None = None,
@@ -177,7 +177,7 @@ def main(n: int | None = None, *, assets_dir: str = ASSETS_DIR, threads: int = 2
 def _cli(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m perk_fast.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("-n", type=int, default=None, help="held-out examples per table cell (default: 50 for up to "
-                    "3 tables, 150 // tables for more: 30 for the 5 tables of the mix)")
+                    "2 tables, 125 // tables for more: 25 for the 5 tables of the mix)")
     ap.add_argument("--assets", default=ASSETS_DIR, help="demo assets directory")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", default=None, help="held-out seed (default: the one of the run's final evaluation)")

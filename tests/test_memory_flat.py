@@ -79,8 +79,10 @@ def test_recomputed_peak_is_constant_in_inner_steps():
 
 def test_recomputed_with_snapshots_holds_its_states_and_no_more_whatever_the_steps():
     # the revolve schedule holds at most 2 states (p, m, v: 3 adapter sets each) on top of the plain walk
+    # plus one adapter set of slack: measured 6.0 sets alone and 6.6 within the full suite (the plain
+    # walk's peak came out 0.23 MB lower there); 3 snapshots measure 8.6 and would fail
     (plain, adapter), (held, _) = _adapter_heavy_peak("recomputed", 12), _adapter_heavy_peak("recomputed", 12, snapshots=2)
-    assert held - plain <= (2 * 3 + 0.5) * adapter, (plain, held, adapter)
+    assert held - plain <= (2 * 3 + 1) * adapter, (plain, held, adapter)
     (small, _), (large, _) = _adapter_heavy_peak("recomputed", 6, snapshots=2), _adapter_heavy_peak("recomputed", 16,
                                                                                                     snapshots=2)
     assert large - small <= 1.5 * adapter, (small, large, adapter)  # 10 more steps: constant
