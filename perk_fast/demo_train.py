@@ -18,7 +18,7 @@ weights) with a rank-16 memory, meta-trained on 2 gloo processes, 9,500 meta-ste
   writer reset to uniform weights (``reset_meta``: trained on needles only, it gave qa1 answers
   weight 0), 2,000 steps (42 min), and the same mix 2,000 steps more (46 min).
 
-About 4.8 hours of training on 2 cores (285 min recorded). Each stage is an ordinary run (below); the chain
+About 4.8 hours of training on 2 cores (286 min recorded). Each stage is an ordinary run (below); the chain
 writes all but the last under ``bench/results/demo_chain/<chain>`` (``--work-dir``), skips a stage
 already finished there (so it can be split over sessions), and ends with the final held-out
 evaluation (seed ``demo-final``, 100 examples per cell, stored as ``final_eval`` in

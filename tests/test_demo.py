@@ -58,19 +58,33 @@ def test_report_records_recipe_chain_times_and_final_numbers():
                     assert cell["n"] == FINAL_EVAL_N and 0.0 <= cell["exact_match"] <= 1.0
 
 
+def _checked_recorded_runs(name: str) -> list[str]:
+    """The folders of chain ``name``'s recorded runs (bench/results), in order, up to the first not
+    present (a run still training); each has its stage's recipe field by field, continuing the
+    previous one's folder."""
+    previous, checked = None, []
+    for stage in CHAINS[name]:
+        folder = stage.recorded
+        assert folder is not None and os.path.dirname(os.path.dirname(folder)) == os.path.dirname(SHIPPED_EVAL_DIR), \
+            (name, stage.name, folder)
+        path = os.path.join(folder, "train_report.json")
+        if not os.path.exists(path):
+            break
+        with open(path, encoding="utf-8") as fh:
+            report = json.load(fh)
+        assert demo_train._same_recipe(report, dataclasses.replace(stage.recipe, init_from=previous)), \
+            (name, stage.name)
+        previous = folder
+        checked.append(folder)
+    return checked
+
+
 def test_the_shipped_chain_is_the_recorded_runs():
     """Every stage of the shipped chain has the recipe of the recorded run in bench/results (field by
     field; only the folder it continues differs), and the shipped model is the last one's."""
     stages = CHAINS[SHIPPED_CHAIN]
-    recorded = [stage.recorded for stage in stages]
-    assert all(r is not None and os.path.dirname(os.path.dirname(r)) == os.path.dirname(SHIPPED_EVAL_DIR)
-               for r in recorded), recorded
-    previous = None
-    for stage, folder in zip(stages, recorded):
-        with open(os.path.join(folder, "train_report.json"), encoding="utf-8") as fh:
-            report = json.load(fh)
-        assert demo_train._same_recipe(report, dataclasses.replace(stage.recipe, init_from=previous)), stage.name
-        previous = folder
+    recorded = _checked_recorded_runs(SHIPPED_CHAIN)
+    assert len(recorded) == len(stages), recorded
     shipped = _report()
     assert demo_train._same_recipe(shipped, dataclasses.replace(stages[-1].recipe, init_from=shipped["recipe"]["init_from"]))
     from perk_fast.io import load_tensors
@@ -84,18 +98,8 @@ def test_the_shipped_chain_is_the_recorded_runs():
 def test_every_chain_is_its_recorded_runs():
     """Each chain's stages carry the folder of their recorded run; every recorded run present has its
     stage's recipe, continuing the previous stage's recorded run (a run still training may be absent)."""
-    for name, stages in CHAINS.items():
-        previous = None
-        for stage in stages:
-            path = os.path.join(stage.recorded, "train_report.json")
-            if not os.path.exists(path):
-                break
-            with open(path, encoding="utf-8") as fh:
-                report = json.load(fh)
-            assert demo_train._same_recipe(report, dataclasses.replace(stage.recipe, init_from=previous)), \
-                (name, stage.name)
-            previous = stage.recorded
-        assert previous is not None, name
+    for name in CHAINS:
+        assert _checked_recorded_runs(name), name
 
 
 def test_demo_models_load_and_match_their_bases():
