@@ -302,6 +302,36 @@ def meta_state_for_steps(perk_model: PerkModel, steps: int) -> dict[str, torch.T
     return state
 
 
+def meta_state_for_model(earlier: PerkModel, target: PerkModel) -> dict[str, torch.Tensor]:
+    """``earlier``'s meta-parameters carried over to ``target``, a PerkModel on the same base whose
+    memory may have more inner steps (:func:`meta_state_for_steps`) and a higher LoRA rank. A
+    higher rank keeps the learned components as the first ones and takes ``target``'s own fresh
+    initialisation for the new ones: A rows kaiming-uniform, B columns zero, so the initial memory
+    writes exactly what the earlier one wrote (at the same LoRA scale, which check_continuation
+    demands) and the inner steps can use the new directions. ValueError names a lower rank (it would
+    drop learned components) or a different set of LoRA sites."""
+    state = meta_state_for_steps(earlier, target.config.inner_steps)
+    mine = dict(target.named_meta_parameters())
+    if set(state) != set(mine):
+        raise ValueError(f"the earlier memory's meta-parameters {sorted(set(state) ^ set(mine))} are not the "
+                         "target's: the two PerkModels adapt different sites")
+    r0, r1 = earlier.config.lora_rank, target.config.lora_rank
+    if r1 < r0:
+        raise ValueError(f"lora_rank={r1} is lower than the earlier memory's {r0}: a continuation may keep or "
+                         "grow the rank, not drop learned components")
+    if r1 > r0:
+        for name, value in list(state.items()):
+            fresh = mine[name].detach().clone()
+            if name.startswith("lora_A."):
+                fresh[:r0] = value
+            elif name.startswith("lora_B."):
+                fresh[:, :r0] = value
+            else:
+                continue
+            state[name] = fresh
+    return state
+
+
 def build_base(recipe: DemoRecipe, tokenizer: ByteTokenizer) -> torch.nn.Module:
     """A randomly initialised Llama-shaped LM (seeded)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -434,18 +464,29 @@ def read_earlier_run(path: str) -> dict:
 
 def check_continuation(recipe: DemoRecipe, earlier: dict) -> None:
     """Raise ValueError when ``recipe`` cannot continue the run whose ``train_report.json`` is
-    ``earlier``: its model shape and memory shape must match (the number of inner steps may differ:
-    :func:`meta_state_for_steps`)."""
+    ``earlier``: its model shape and memory kind must match (the number of inner steps may differ and
+    the LoRA rank may grow at the same LoRA scale: :func:`meta_state_for_model`)."""
     before = earlier["recipe"]
     for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                  "max_position_embeddings"):
         if before[name] != getattr(recipe, name):
             raise ValueError(f"init_from={recipe.init_from!r}: its {name}={before[name]} differs from the "
                              f"recipe's {getattr(recipe, name)}")
-    for name in ("lora_rank", "inner_optimizer", "segment_len"):  # inner_steps may grow: meta_state_for_steps
+    for name in ("inner_optimizer", "segment_len"):  # inner_steps and lora_rank may grow: meta_state_for_model
         if before["perk"].get(name) != recipe.perk.get(name):
             raise ValueError(f"init_from={recipe.init_from!r}: its perk {name}={before['perk'].get(name)!r} "
                              f"differs from the recipe's {recipe.perk.get(name)!r}")
+    was, now = PerkConfig(**before["perk"]), recipe.perk_config()
+    if now.lora_rank < was.lora_rank:
+        raise ValueError(f"init_from={recipe.init_from!r}: the recipe's perk lora_rank={now.lora_rank} is lower "
+                         f"than the earlier run's {was.lora_rank} (a continuation may grow the rank, not drop "
+                         "learned components)")
+    if abs(now.lora_scale - was.lora_scale) > 1e-9 * was.lora_scale:
+        keep = was.lora_scale * (now.lora_rank ** 0.5 if now.lora_rslora else now.lora_rank)
+        raise ValueError(f"init_from={recipe.init_from!r}: the recipe's LoRA scale {now.lora_scale:g} (lora_rank="
+                         f"{now.lora_rank}, lora_alpha={now.lora_alpha:g}) differs from the earlier run's "
+                         f"{was.lora_scale:g}: the learned memory would write something else; lora_alpha={keep:g} "
+                         "keeps it")
     if recipe.icr_long_steps and not os.path.exists(os.path.join(recipe.init_from, "icr_long")):
         raise ValueError(f"init_from={recipe.init_from!r}: the earlier run has no long FT-ICR (icr_long/) to "
                          "continue; give icr_long_steps=0")
@@ -772,7 +813,12 @@ def train(recipe: DemoRecipe, out_dir: str, log=_print, eval_dir: str | None = N
         earlier_perk = PerkModel.load(os.path.join(recipe.init_from, "perk"), copy.deepcopy(perk_base), tokenizer)
         perk_model = PerkModel(perk_base, tokenizer, recipe.perk_config())
         steps, earlier_steps = perk_model.config.inner_steps, earlier_perk.config.inner_steps
-        perk_model.load_meta_state(meta_state_for_steps(earlier_perk, steps))
+        perk_model.load_meta_state(meta_state_for_model(earlier_perk, perk_model))
+        rank, earlier_rank = perk_model.config.lora_rank, earlier_perk.config.lora_rank
+        if rank != earlier_rank:
+            log(f"  LoRA rank {earlier_rank} -> {rank}: the learned components are kept, components "
+                f"{earlier_rank + 1}-{rank} start fresh (A kaiming-uniform, B zero; scale "
+                f"{perk_model.config.lora_scale:g} unchanged)")
         if steps != earlier_steps:
             log(f"  inner steps {earlier_steps} -> {steps}: " + (
                 f"steps {earlier_steps + 1}-{steps} start from the learned rates of step {earlier_steps}"

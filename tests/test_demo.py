@@ -333,9 +333,44 @@ def test_a_continuation_starts_from_the_earlier_run_on_fresh_examples(tmp_path):
     with pytest.raises(ValueError, match="steps=0 is invalid"):
         demo_train.meta_state_for_steps(fresh, 0)
     assert demo_train.meta_state_for_steps(fresh, 2)["inner_lrs"].shape[1] == 2
-    with pytest.raises(ValueError, match="lora_rank"):
+    # a higher rank at the same scale: the learned components are kept, the new ones start fresh
+    rank, alpha = RECIPES["needle"].perk["lora_rank"], RECIPES["needle"].perk["lora_alpha"]
+    wider, lines = str(tmp_path / "wider"), []
+    train(dataclasses.replace(recipe_from_dict(report["recipe"]), perk=dict(report["recipe"]["perk"],
+                                                                             lora_rank=4 * rank, lora_alpha=2 * alpha),
+                              init_from=second, meta_steps=1, icr_long_steps=0, lm_contexts=16, lm_batch=4,
+                              lm_steps=2, eval_n=0, meta_lr=1e-12, lr_lr=1e-12, base_lr=0.0),
+          wider, log=lines.append)
+    assert any(f"LoRA rank {rank} -> {4 * rank}" in line for line in lines), lines
+    grown = load_tensors(os.path.join(wider, "perk"), "meta_parameters.safetensors")
+    wide_fresh = PerkModel(load_base(os.path.join(first, "base")), ByteTokenizer(), dataclasses.replace(
+        RECIPES["needle"].perk_config(), lora_rank=4 * rank, lora_alpha=2 * alpha))
+    wide_state = dict(wide_fresh.named_meta_parameters())
+    a_names = [n for n in after if n.startswith("lora_A.")]
+    assert a_names and grown.keys() == after.keys()
+    for name in a_names:
+        b_name = name.replace("lora_A.", "lora_B.")
+        assert grown[name].shape == (4 * rank, after[name].shape[1])
+        torch.testing.assert_close(grown[name][:rank], after[name], atol=1e-6, rtol=0)
+        torch.testing.assert_close(grown[name][rank:], wide_state[name].detach()[rank:], atol=1e-6, rtol=0)
+        assert grown[name][rank:].abs().max() > 0
+        assert grown[b_name][:, rank:].abs().max() < 1e-6  # so the initial memory writes what the earlier one did
+        torch.testing.assert_close(grown[b_name][:, :rank], after[b_name], atol=1e-6, rtol=0)
+        # same LoRA scale (2 alpha / sqrt(4 r) = alpha / sqrt(r)): the same initial delta-W
+        torch.testing.assert_close(grown[b_name] @ grown[name], after[b_name] @ after[name], atol=1e-5, rtol=0)
+    torch.testing.assert_close(grown["inner_lrs"], after["inner_lrs"], atol=1e-9, rtol=0)
+    with pytest.raises(ValueError, match=r"lora_alpha=64 keeps it"):  # a higher rank at another scale
+        train(dataclasses.replace(RECIPES["needle"], init_from=first, perk=dict(RECIPES["needle"].perk,
+                                                                                lora_rank=4 * rank)),
+              str(tmp_path / "x"), log=lines.append)
+    lines = []
+    with pytest.raises(ValueError, match="lora_rank=2 is lower"):
         train(dataclasses.replace(RECIPES["needle"], init_from=first, perk=dict(RECIPES["needle"].perk, lora_rank=2)),
               str(tmp_path / "x"), log=lines.append)
+    small = PerkModel(load_base(os.path.join(first, "base")), ByteTokenizer(), dataclasses.replace(
+        RECIPES["needle"].perk_config(), lora_rank=2))
+    with pytest.raises(ValueError, match="lora_rank=2 is lower than the earlier memory's"):
+        demo_train.meta_state_for_model(fresh, small)
 
     lines = []
     with pytest.raises(FileNotFoundError, match="missing"):
