@@ -332,8 +332,12 @@ def main(argv=None) -> dict:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as fh:
         json.dump(report, fh, indent=1)
-    perk = {s: results[s]["PERK"] for s in specs}
-    print("PERK memory: " + "; ".join(f"{s} answers {100 * r['answer']:.0f}%, holds the fact in place "
+    # the last line sums up the run's own memory, or the first PERK row asked for (--inner-steps without T)
+    name = next((r for r in rows if r == "PERK"), next((r for r in rows if r.startswith("PERK")), None))
+    if name is None:
+        return report
+    perk = {s: results[s][name] for s in specs}
+    print(f"{name} memory: " + "; ".join(f"{s} answers {100 * r['answer']:.0f}%, holds the fact in place "
                                       f"{100 * r['in_place']:.0f}% / alone {100 * r['alone']:.0f}%"
                                       for s, r in perk.items()))
     return report

@@ -111,6 +111,11 @@ def test_the_probe_runs_end_to_end_and_reads_the_binding_models_needle_memory(tm
     assert rows["PERK"]["answer"] >= 0.75 and rows["PERK"]["in_place"] >= 0.75
     assert rows["no memory"]["answer"] == 0 and rows["no memory"]["in_place"] == 0
     assert rows["PERK"]["weights"]["n"] == 8 and "PERK writer weight" in printed
+    # only other inner-step counts than the run's: the last line sums up the first of them
+    other = probe.main(["--assets", ASSETS_DIR, "--tasks", "needle:3", "-n", "2", "--inner-steps", "2",
+                        "--ttt", "", "--threads", str(torch.get_num_threads()), "--out", str(tmp_path / "p2.json")])
+    assert list(other["results"]["needle:3"]) == ["PERK, 2 inner steps", "no memory"]
+    assert capsys.readouterr().out.splitlines()[-1].startswith("PERK, 2 inner steps memory: needle:3 answers")
     with pytest.raises(SystemExit, match="demo's own seeds"):
         probe.main(["--seed", "demo-eval", "--out", str(out)])
     with pytest.raises(SystemExit, match="--ttt item '16' is invalid"):
