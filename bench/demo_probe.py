@@ -333,7 +333,7 @@ def main(argv=None) -> dict:
     with open(args.out, "w", encoding="utf-8") as fh:
         json.dump(report, fh, indent=1)
     # the last line sums up the run's own memory, or the first PERK row asked for (--inner-steps without T)
-    name = next((r for r in rows if r == "PERK"), next((r for r in rows if r.startswith("PERK")), None))
+    name = "PERK" if "PERK" in rows else next((r for r in rows if r.startswith("PERK")), None)
     if name is None:
         return report
     perk = {s: results[s][name] for s in specs}
