@@ -54,6 +54,11 @@ class PerkConfig:
     cut into consecutive pieces anywhere (what 'split' did before sentence packing: a fact can
     straddle two segments), or with ``'truncate'`` kept as one row cut at ``segment_len`` (the
     reference's behaviour; a warning says when a document is cut).
+    ``shuffle_docs``: in training, number a context's documents ``doc_i`` in a random order
+    (the reference's behaviour) instead of 0..N-1 (encoding always numbers them in order). The
+    inner loss sums over segments, so the ids are the memory's only clue to the documents' order:
+    a task answered by the *last* event (BabiLong's "where is X?") needs ``False``
+    (``bench/demo_order_bound.py`` measures the bound shuffled ids put on it).
     ``unroll`` chooses how meta-gradients flow through the inner loop: ``full``
     (second order through every step), ``truncated`` (first order before
     ``unroll_start``), ``first_order``. ``meta_grad`` chooses how they are computed:

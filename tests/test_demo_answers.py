@@ -1,0 +1,124 @@
+"""bench/demo_answers.py: answer classes of needles, stories and records, on predictions written here
+from regenerated examples (so every class is known beforehand), and on the shipped evaluation."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+from perk_fast import tasks
+from perk_fast.demo_train import BABI_KW
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location("demo_answers", os.path.join(_ROOT, "bench", "demo_answers.py"))
+answers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(answers)
+
+SHIPPED_EVAL = os.path.join(_ROOT, "bench", "results", "demo_eval")
+
+
+def _write(folder, examples, predictions, seed):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "predictions.jsonl"), "w", encoding="utf-8") as fh:
+        for i, (ex, pred) in enumerate(zip(examples, predictions)):
+            fh.write(json.dumps({"index": i, "gold": ex.answer, "prediction": pred, "meta": {"seed": seed}}) + "\n")
+
+
+def _story_predictions(examples):
+    """One prediction of each story class, in turn (where the example allows it), and the class meant."""
+    preds, meant = [], []
+    for i, ex in enumerate(examples):
+        moves = answers.story_moves(ex)
+        person = answers.followed_person(ex)
+        own = [x for p, x in moves if p == person and x != ex.answer]
+        other = [x for p, x in moves if p != person and x not in {y for q, y in moves if q == person}]
+        absent = [x for x in tasks.PLACES if x not in {y for _, y in moves}]
+        choice = [("right", ex.answer), ("earlier_place", own[0] if own else None),
+                  ("other_person_place", other[0] if other else None),
+                  ("place_not_in_story", absent[0] if absent else None), ("not_a_place", "moon")][i % 5]
+        if choice[1] is None:
+            choice = ("right", ex.answer)
+        meant.append(choice[0])
+        preds.append(choice[1])
+    return preds, meant
+
+
+@pytest.mark.parametrize("spec", ["qa1", "qa2"])
+def test_story_answers_fall_in_the_class_they_were_made_for(tmp_path, spec):
+    seed = f"test/{spec}"
+    examples = tasks.generate(spec, 40, seed=seed, context_tokens=256, position="random", doc_tokens=192, **BABI_KW)
+    preds, meant = _story_predictions(examples)
+    assert [answers.classify_story_answer(ex, p) for ex, p in zip(examples, preds)] == meant
+    _write(tmp_path / spec / "PERK" / "L256_random", examples, preds, seed)
+    out = answers.story_breakdown(str(tmp_path), spec)
+    counts = out["PERK"][256]
+    assert counts["n"] == 40 and all(counts[k] == meant.count(k) for k in answers.STORY_KINDS)
+    assert sum(meant.count(k) for k in answers.STORY_KINDS) == 40 and meant.count("earlier_place") > 0
+    # the rules, counted by hand: the story's last move; the followed person's first move
+    last = sum(answers.story_moves(ex)[-1][1] == ex.answer for ex in examples)
+    assert counts["rules"]["last_place_named"] == last
+    chance = sum(1 / len({x for p, x in answers.story_moves(ex) if p == answers.followed_person(ex)})
+                 for ex in examples)
+    assert counts["rules"]["person_place_chance"] == pytest.approx(chance)
+
+
+def test_qa2_follows_the_person_who_picked_the_object_up():
+    ex = tasks.generate("qa2", 1, seed="test/holder", context_tokens=256, position="random", doc_tokens=192,
+                        **BABI_KW)[0]
+    obj = ex.question.split("the ")[1].rstrip("?")
+    holder = answers.followed_person(ex)
+    assert f"{holder} " in " ".join(ex.context) and any(
+        s in " ".join(ex.context) for s in (f"{holder} picked up the {obj}.", f"{holder} got the {obj}.",
+                                            f"{holder} grabbed the {obj}."))
+    # qa2's answer is the holder's last place
+    assert [x for p, x in answers.story_moves(ex) if p == holder][-1] == ex.answer
+
+
+def test_records_answers_right_other_record_or_neither(tmp_path):
+    seed = "test/records"
+    examples = tasks.generate("records_recall", 30, seed=seed, context_tokens=256, position="random", doc_tokens=192)
+    preds, meant = [], []
+    for i, ex in enumerate(examples):
+        asked = ex.question.split("student ")[1].split(" ")[0].rstrip("?")
+        column = answers._FIELDS[ex.meta["kind"]]
+        others = [m.group(column) for m in answers._RECORD_RE.finditer(" ".join(ex.context))
+                  if m.group(1) != asked and m.group(column) != ex.answer]
+        if i % 3 == 1 and others:
+            preds.append(others[0])
+            meant.append("other_record_value")
+        elif i % 3 == 2:
+            preds.append("nobody")
+            meant.append("neither")
+        else:
+            preds.append(ex.answer)
+            meant.append("right")
+    assert [answers.classify_record_answer(ex, p) for ex, p in zip(examples, preds)] == meant
+    assert meant.count("other_record_value") > 0
+    _write(tmp_path / "records_recall" / "PERK" / "L256_random", examples, preds, seed)
+    out = answers.records_breakdown(str(tmp_path))[256]
+    assert out["all"]["n"] == 30 and all(out["all"][k] == meant.count(k) for k in answers.RECORD_KINDS)
+    assert sum(c["n"] for f, c in out.items() if f != "all") == 30
+
+
+def test_a_prediction_that_does_not_regenerate_is_refused(tmp_path):
+    seed = "test/qa1"
+    examples = tasks.generate("qa1", 3, seed=seed, context_tokens=256, position="random", doc_tokens=192, **BABI_KW)
+    _write(tmp_path / "qa1" / "PERK" / "L256_random", examples, [e.answer for e in examples], seed)
+    assert answers.story_breakdown(str(tmp_path), "qa1")["PERK"][256]["right"] == 3
+    with pytest.raises(ValueError, match="does not regenerate"):  # another seed's stories
+        _write(tmp_path / "qa1" / "PERK" / "L256_random", examples, [e.answer for e in examples], "test/other")
+        answers.story_breakdown(str(tmp_path), "qa1")
+    with pytest.raises(FileNotFoundError, match="FT-ICR"):
+        answers.story_breakdown(str(tmp_path), "qa1", systems=("FT-ICR",))
+    with pytest.raises(ValueError, match="qa1 or qa2"):
+        answers.story_breakdown(str(tmp_path), "records_recall")
+
+
+def test_the_shipped_evaluation_reads_back(capsys):
+    """The README's numbers: the shipped model's qa1 answers at 256 tokens (n = 100)."""
+    out = answers.story_breakdown(SHIPPED_EVAL, "qa1", systems=("PERK",))["PERK"][256]
+    assert out["n"] == 100 and out["right"] == 45
+    answers.main([SHIPPED_EVAL, "--spec", "records_recall"])
+    assert "name (n=" in capsys.readouterr().out
