@@ -117,13 +117,13 @@ def classify_record_answer(example, prediction: str) -> str:
     return "other_record_value" if prediction in others else "neither"
 
 
-def records_breakdown(eval_dir: str, system: str = "PERK", doc_tokens: int = 192) -> dict:
-    """``{length: {field: {kind: count, "n"}}}`` over the records-recall predictions of ``system``
-    (every position folder), plus a field ``"all"``; examples regenerated and checked as above."""
-    folder = os.path.join(eval_dir, "records_recall", system.replace(" ", "_"))
+def regenerated_cells(eval_dir: str, spec: str, system: str, doc_tokens: int = 192, **task_kw):
+    """Yield ``(length, [(prediction row, regenerated example), ...])`` per position folder
+    (``L<length>_<position>``) of ``eval_dir/spec/<system>``; each example is regenerated from its
+    recorded seed and checked against the recorded answer."""
+    folder = os.path.join(eval_dir, spec, system.replace(" ", "_"))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"no predictions of system {system!r} at {folder}")
-    out: dict = {}
     for cell in sorted(os.listdir(folder)):
         m = re.fullmatch(r"L(\d+)_(\w+)", cell)
         if m is None:
@@ -132,13 +132,22 @@ def records_breakdown(eval_dir: str, system: str = "PERK", doc_tokens: int = 192
         path = os.path.join(folder, cell, "predictions.jsonl")
         with open(path, encoding="utf-8") as fh:
             rows = [json.loads(line) for line in fh]
-        examples = tasks.generate("records_recall", len(rows), seed=rows[0]["meta"]["seed"], context_tokens=length,
-                                  position=pos, doc_tokens=doc_tokens)
-        per_field = out.setdefault(length, {})
+        examples = tasks.generate(spec, len(rows), seed=rows[0]["meta"]["seed"], context_tokens=length,
+                                  position=pos, doc_tokens=doc_tokens, **task_kw)
         for row, ex in zip(rows, examples):
             if ex.answer != row["gold"]:
                 raise ValueError(f"{path}: example {row['index']} does not regenerate (answer {ex.answer!r} "
                                  f"!= recorded {row['gold']!r})")
+        yield length, list(zip(rows, examples))
+
+
+def records_breakdown(eval_dir: str, system: str = "PERK", doc_tokens: int = 192) -> dict:
+    """``{length: {field: {kind: count, "n"}}}`` over the records-recall predictions of ``system``
+    (every position folder), plus a field ``"all"`` (:func:`regenerated_cells`)."""
+    out: dict = {}
+    for length, pairs in regenerated_cells(eval_dir, "records_recall", system, doc_tokens):
+        per_field = out.setdefault(length, {})
+        for row, ex in pairs:
             kind = classify_record_answer(ex, row["prediction"])
             for key in (ex.meta["kind"], "all"):
                 c = per_field.setdefault(key, {**{k: 0 for k in RECORD_KINDS}, "n": 0})
@@ -149,32 +158,16 @@ def records_breakdown(eval_dir: str, system: str = "PERK", doc_tokens: int = 192
 
 def story_breakdown(eval_dir: str, spec: str = "qa1", systems=("PERK",), doc_tokens: int = 192) -> dict:
     """``{system: {length: {kind: count, "n", "rules": {rule: right}}}}`` over every position folder
-    (``L<length>_<position>``) of ``eval_dir/spec/<system>``; each example is regenerated from its
-    recorded seed (and checked against the recorded answer)."""
+    of ``eval_dir/spec/<system>`` (:func:`regenerated_cells`)."""
     if spec not in ("qa1", "qa2"):
         raise ValueError(f"spec {spec!r} is invalid: the story breakdown reads qa1 or qa2")
     out = {}
     for system in systems:
-        folder = os.path.join(eval_dir, spec, system.replace(" ", "_"))
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"no predictions of system {system!r} at {folder}")
         per_length: dict = {}
-        for cell in sorted(os.listdir(folder)):
-            m = re.fullmatch(r"L(\d+)_(\w+)", cell)
-            if m is None:
-                continue
-            length, pos = int(m.group(1)), m.group(2)
-            path = os.path.join(folder, cell, "predictions.jsonl")
-            with open(path, encoding="utf-8") as fh:
-                rows = [json.loads(line) for line in fh]
-            examples = tasks.generate(spec, len(rows), seed=rows[0]["meta"]["seed"], context_tokens=length,
-                                      position=pos, doc_tokens=doc_tokens, **BABI_KW)
+        for length, pairs in regenerated_cells(eval_dir, spec, system, doc_tokens, **BABI_KW):
             counts = per_length.setdefault(length, {**{k: 0 for k in STORY_KINDS}, "n": 0, "rules": {
                 "last_place_named": 0, "first_place_of_person": 0, "person_place_chance": 0.0}})
-            for row, ex in zip(rows, examples):
-                if ex.answer != row["gold"]:
-                    raise ValueError(f"{path}: example {row['index']} does not regenerate (answer {ex.answer!r} "
-                                     f"!= recorded {row['gold']!r})")
+            for row, ex in pairs:
                 counts[classify_story_answer(ex, row["prediction"])] += 1
                 counts["n"] += 1
                 for rule, answer in rule_answers(ex).items():
