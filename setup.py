@@ -6,7 +6,6 @@ setup(
     version="0.1.0",
     description="Fast, memory-efficient PERK: encode long contexts into batched LoRA memories and meta-train them",
     packages=["perk_fast", "perk_fast.evaluate", "perk_fast.kernels"],
-    package_dir={"perk_fast": "perk_fast", "perk_fast.kernels": "kernels"},
     package_data={"perk_fast": ["assets/*", "assets/**/*", "configs/*.yaml", "configs/**/*.yaml"]},
     entry_points={"console_scripts": ["perk-fast=perk_fast.cli:main"]},
     python_requires=">=3.10",

@@ -215,8 +215,8 @@ def git_commit():
     try:
         root = Path(__file__).resolve().parents[1]
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "kernels/linear_ce.py",
-                                "kernels/linear_ce_ref.py", "bench/linear_ce.py"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "perk_fast/kernels/linear_ce.py",
+                                "perk_fast/kernels/linear_ce_ref.py", "bench/linear_ce.py"],
                                cwd=root, capture_output=True, text=True).stdout.strip()
         return sha + ("-dirty" if dirty else "") if sha else "unknown"
     except OSError:

@@ -14,7 +14,6 @@ import pytest
 import perk_fast
 
 PACKAGE = Path(perk_fast.__file__).resolve().parent
-KERNELS = PACKAGE.parent / "kernels"  # installed as perk_fast.kernels
 
 # bottom to top; a module may import only from tiers strictly below its own
 TIERS = [
@@ -39,13 +38,11 @@ TIERS = [
 def _modules() -> dict[str, Path]:
     """perk_fast module name (relative, '' for the package) -> source file."""
     found = {}
-    for root, base in ((PACKAGE, ""), (KERNELS, "kernels")):
-        for path in root.rglob("*.py"):
-            rel = path.relative_to(root).with_suffix("")
-            parts = [p for p in ((base,) if base else ()) + rel.parts]
-            if parts and parts[-1] == "__init__":
-                parts = parts[:-1]
-            found[".".join(parts)] = path
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+        if parts and parts[-1] == "__init__":
+            parts = parts[:-1]
+        found[".".join(parts)] = path
     return found
 
 

@@ -1,4 +1,4 @@
-"""Batched LoRA linear: Triton kernels (kernels/lora.py) against the PyTorch twin (kernels/lora_ref.py).
+"""Batched LoRA linear: Triton kernels (perk_fast/kernels/lora.py) against the PyTorch twin (perk_fast/kernels/lora_ref.py).
 
 Each case compares the output, every first-order gradient (random upstream gradient) and
 second-order products (random adjoints pushed through grad-of-grad, w.r.t. every input and the
