@@ -1,6 +1,7 @@
 """Fused Triton kernels of perk_fast, each beside its pure-PyTorch twin.
 
-The package ``perk_fast.kernels`` (inside perk_fast: a top-level ``kernels`` would shadow the Hugging Face package of that name). Nothing here queries CUDA at import time;
+Inside perk_fast on purpose: a top-level ``kernels`` would shadow the Hugging Face package of that
+name, which transformers imports. Nothing here queries CUDA at import time;
 the backend switch in :mod:`perk_fast.kernels.backend` decides per call whether a
 Triton kernel or its PyTorch twin runs.
 """
