@@ -10,8 +10,9 @@ Stories (``qa1`` / ``qa2``): right; an earlier place of the person the answer fo
 person for qa1, the one who picked the object up for qa2); a place only another person went to; a
 place not in the story; or no place at all -- and, on the same examples, the exact match of two
 rules that read no binding: "the last place the story names" and "a place the person went to, the
-first one" (and the expected exact match of a uniformly drawn place of that person). A memory whose answers are mostly the person's earlier places holds the person's moves
-but not their order; one whose answers are the other person's places has lost who went where.
+first one" (and the expected exact match of a uniformly drawn place of that person). A memory
+whose answers are mostly the person's earlier places holds the person's moves but not their order;
+one whose answers are the other person's places has lost who went where.
 """
 from __future__ import annotations
 
@@ -41,14 +42,7 @@ def breakdown(eval_dir: str, spec: str = "needle-3", distractors: int = 3, doc_t
         counts = {"right": 0, "other_code": 0, "neither": 0, "n": 0}
         for pos in positions:
             path = os.path.join(eval_dir, spec, "PERK", f"L{length}_{pos}", "predictions.jsonl")
-            with open(path, encoding="utf-8") as fh:
-                rows = [json.loads(line) for line in fh]
-            examples = tasks.generate("needle", len(rows), seed=rows[0]["meta"]["seed"], context_tokens=length,
-                                      position=pos, n_distractors=distractors, doc_tokens=doc_tokens)
-            for row, ex in zip(rows, examples):
-                if ex.answer != row["gold"]:
-                    raise ValueError(f"{path}: example {row['index']} does not regenerate (answer {ex.answer!r} "
-                                     f"!= recorded {row['gold']!r})")
+            for row, ex in regenerated(path, "needle", length, pos, doc_tokens, n_distractors=distractors):
                 codes = re.findall(r"is (\d+)\.", " ".join(ex.context))
                 key = ("right" if row["prediction"] == row["gold"]
                        else "other_code" if row["prediction"] in codes else "neither")
@@ -117,28 +111,32 @@ def classify_record_answer(example, prediction: str) -> str:
     return "other_record_value" if prediction in others else "neither"
 
 
+def regenerated(path: str, task: str, length: int, position: str, doc_tokens: int, **task_kw) -> list:
+    """``[(prediction row, regenerated example), ...]`` of one ``predictions.jsonl``: each example is
+    regenerated from its recorded seed and checked against the recorded answer."""
+    with open(path, encoding="utf-8") as fh:
+        rows = [json.loads(line) for line in fh]
+    examples = tasks.generate(task, len(rows), seed=rows[0]["meta"]["seed"], context_tokens=length,
+                              position=position, doc_tokens=doc_tokens, **task_kw)
+    for row, ex in zip(rows, examples):
+        if ex.answer != row["gold"]:
+            raise ValueError(f"{path}: example {row['index']} does not regenerate (answer {ex.answer!r} "
+                             f"!= recorded {row['gold']!r})")
+    return list(zip(rows, examples))
+
+
 def regenerated_cells(eval_dir: str, spec: str, system: str, doc_tokens: int = 192, **task_kw):
-    """Yield ``(length, [(prediction row, regenerated example), ...])`` per position folder
-    (``L<length>_<position>``) of ``eval_dir/spec/<system>``; each example is regenerated from its
-    recorded seed and checked against the recorded answer."""
+    """Yield ``(length, pairs)`` per position folder (``L<length>_<position>``) of
+    ``eval_dir/spec/<system>``, ``pairs`` as :func:`regenerated` gives them."""
     folder = os.path.join(eval_dir, spec, system.replace(" ", "_"))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"no predictions of system {system!r} at {folder}")
     for cell in sorted(os.listdir(folder)):
         m = re.fullmatch(r"L(\d+)_(\w+)", cell)
-        if m is None:
-            continue
-        length, pos = int(m.group(1)), m.group(2)
-        path = os.path.join(folder, cell, "predictions.jsonl")
-        with open(path, encoding="utf-8") as fh:
-            rows = [json.loads(line) for line in fh]
-        examples = tasks.generate(spec, len(rows), seed=rows[0]["meta"]["seed"], context_tokens=length,
-                                  position=pos, doc_tokens=doc_tokens, **task_kw)
-        for row, ex in zip(rows, examples):
-            if ex.answer != row["gold"]:
-                raise ValueError(f"{path}: example {row['index']} does not regenerate (answer {ex.answer!r} "
-                                 f"!= recorded {row['gold']!r})")
-        yield length, list(zip(rows, examples))
+        if m is not None:
+            length = int(m.group(1))
+            yield length, regenerated(os.path.join(folder, cell, "predictions.jsonl"), spec, length, m.group(2),
+                                      doc_tokens, **task_kw)
 
 
 def records_breakdown(eval_dir: str, system: str = "PERK", doc_tokens: int = 192) -> dict:

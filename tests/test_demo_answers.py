@@ -120,5 +120,8 @@ def test_the_shipped_evaluation_reads_back(capsys):
     """The README's numbers: the shipped model's qa1 answers at 256 tokens (n = 100)."""
     out = answers.story_breakdown(SHIPPED_EVAL, "qa1", systems=("PERK",))["PERK"][256]
     assert out["n"] == 100 and out["right"] == 45
+    needles = answers.breakdown(SHIPPED_EVAL)  # the README's 286 / 5 / 9 and 268 / 8 / 24
+    assert needles[256] == {"right": 286, "other_code": 5, "neither": 9, "n": 300}
+    assert needles[1024] == {"right": 268, "other_code": 8, "neither": 24, "n": 300}
     answers.main([SHIPPED_EVAL, "--spec", "records_recall"])
     assert "name (n=" in capsys.readouterr().out
