@@ -136,8 +136,10 @@ def main(argv=None) -> dict:
     for name in ("steps", "n", "threads"):
         if getattr(args, name) < 1:
             ap.error(f"--{name}={getattr(args, name)} is invalid: allowed an integer >= 1")
-    if args.perk_steps < 0 or (args.lm_steps is not None and args.lm_steps < 1):
-        ap.error("--perk-steps must be >= 0 and --lm-steps >= 1")
+    if args.perk_steps < 0:
+        ap.error(f"--perk-steps={args.perk_steps} is invalid: allowed an integer >= 0")
+    if args.lm_steps is not None and args.lm_steps < 1:
+        ap.error(f"--lm-steps={args.lm_steps} is invalid: allowed an integer >= 1")
     sizes = args.sizes.split(",")
     try:
         for s in sizes:
