@@ -66,7 +66,7 @@ except ImportError as e:
 EOF
 }
 
-# perk_fast maps kernels/ to perk_fast.kernels through setup.py; install it when it is not there
+# install perk_fast (its kernels are the subpackage perk_fast/kernels) when it is not importable
 # (no network: no deps, no build isolation); as a last resort, a symlink shim on PYTHONPATH.
 ensure_package() {
     python -c "import perk_fast.kernels.lora" 2>/dev/null && { echo "perk_fast importable"; return 0; }
@@ -74,7 +74,6 @@ ensure_package() {
     local shim="$OUT/.shim/perk_fast"
     rm -rf "$OUT/.shim" && mkdir -p "$shim"
     for f in "$REPO"/perk_fast/*; do ln -s "$f" "$shim/"; done
-    ln -sfn "$REPO/kernels" "$shim/kernels"
     echo "using shim $OUT/.shim"
 }
 
