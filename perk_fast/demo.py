@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from .demo_train import (ASSETS_DIR, SEEDS, DemoRecipe, eval_systems, icr_long_name, load_run, spec_label,
-                         training_minutes)
+                         steps_so_far, training_minutes)
 from .encode import encode
 from .evaluate import cut_answer
 from .memory import Memory
@@ -162,12 +162,15 @@ def main(n: int | None = None, *, assets_dir: str = ASSETS_DIR, threads: int = 2
         "the prompt")
     if demo.icr_long is not None:
         times = report["times_s"]
-        log(f"  {icr_long_name(recipe):<13} the same with {recipe.icr_long_steps / recipe.meta_steps:g}x the steps "
-            f"and examples ({'in the last run of the chain: ' if report.get('chain') else ''}trained "
+        steps = steps_so_far(report)
+        log(f"  {icr_long_name(recipe, report.get('steps_before')):<13} the same with "
+            f"{steps['icr_long'] / steps['perk']:.2g}x the steps and examples ({steps['icr_long']:,} against "
+            f"{steps['perk']:,}; {'in the last run of the chain: ' if report.get('chain') else ''}trained "
             f"{times.get('icr_long_s', 0):.0f}s; PERK's meta-training {times['perk_s']:.0f}s)")
     log("")
     table = eval_systems(demo.perk, demo.ttt, demo.icr, demo.tokenizer, recipe, n=n, seed=seed,
-                         icr_long_model=demo.icr_long, out_dir=out_dir, verbose=True)
+                         icr_long_model=demo.icr_long, out_dir=out_dir, verbose=True,
+                         steps_before=report.get("steps_before"))
     mem = memory_round_trip(demo, log=log)
     seconds = time.perf_counter() - start
     log(f"\ndemo finished in {seconds:.0f}s")

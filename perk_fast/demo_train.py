@@ -8,7 +8,7 @@
     python -m perk_fast.demo_train --recipe needle --meta-steps 300 --eval-n 16 --out /tmp/x   # a quick look
 
 The shipped model is the end of a *chain* of runs (``CHAINS["mix"]``), a d=96 Llama (265 k
-weights) with a rank-16 memory, meta-trained on 2 gloo processes, 9,500 meta-steps in all:
+weights) with a rank-16 memory, meta-trained on 2 gloo processes, 14,000 meta-steps in all:
 
 * the ``binding`` chain (4 runs, 4,500 steps, 151 min): needles among 0 to 7 other people's codes
   (one asked) over documents shorter and longer than a segment. A curriculum run (single needles
@@ -16,14 +16,16 @@ weights) with a rank-16 memory, meta-trained on 2 gloo processes, 9,500 meta-ste
 * 1,000 steps with BabiLong-like qa1 and student-records recall added (46 min);
 * the issue's mix (needles with 1 / 4 / 8 codes, qa1, qa2, records recall) with the token-weighting
   writer reset to uniform weights (``reset_meta``: trained on needles only, it gave qa1 answers
-  weight 0), 2,000 steps (42 min), and the same mix 2,000 steps more (46 min).
+  weight 0), 2,000 steps (42 min), and the same mix 2,000 steps more (46 min);
+* the same mix with the documents' ids in order (``shuffle_docs=False``; shuffled ids hide which of
+  a story's moves came last), 2,000 steps (60 min) and 2,500 more (64 min).
 
-About 4.8 hours of training on 2 cores (286 min recorded). Each stage is an ordinary run (below); the chain
+About 6.8 hours of training on 2 cores (410 min recorded). Each stage is an ordinary run (below); the chain
 writes all but the last under ``bench/results/demo_chain/<chain>`` (``--work-dir``), skips a stage
 already finished there (so it can be split over sessions), and ends with the final held-out
 evaluation (seed ``demo-final``, 100 examples per cell, stored as ``final_eval`` in
 ``train_report.json``; the predictions in ``bench/results/demo_eval``). The shipped files come from
-the recorded runs ``bench/results/demo_curriculum{,2,3,4,5,8,9}`` (``--adopt recorded``: recipes
+the recorded runs ``bench/results/demo_curriculum{,2,3,4,5,8,9,12,13}`` (``--adopt recorded``: recipes
 checked stage by stage, no retraining).
 
 One run has three stages, every one from the seeded generators of :mod:`perk_fast.tasks` (here as
@@ -126,10 +128,13 @@ NEEDLE_ASSETS_DIR = os.path.join(os.path.dirname(SHIPPED_EVAL_DIR), "demo_needle
 ICR_LONG = "FT-ICR 10x"  # the name of the long FT-ICR baseline with the single-needle recipe
 
 
-def icr_long_name(recipe: "DemoRecipe") -> str:
-    """Table name of the long FT-ICR baseline: ``FT-ICR <k>x`` with k = icr_long_steps / meta_steps."""
-    k = recipe.icr_long_steps / recipe.meta_steps
-    return f"FT-ICR {k:g}x"
+def icr_long_name(recipe: "DemoRecipe", steps_before: dict | None = None) -> str:
+    """Table name of the long FT-ICR baseline: ``FT-ICR <k>x``, k (to one decimal) = its steps / PERK's
+    meta-steps. For a continuation give ``steps_before`` (the report's ``steps_before``): k then counts
+    the earlier runs' steps too, which is what the two models were trained for."""
+    before = steps_before or {"perk": 0, "icr_long": 0}
+    k = (before["icr_long"] + recipe.icr_long_steps) / (before["perk"] + recipe.meta_steps)
+    return f"FT-ICR {round(k, 1):g}x"
 # "final": the shipped model's held-out numbers (``final_evaluation``), a seed no run or recipe choice has seen
 SEEDS = {"lm": "demo-lm", "train": "demo-train", "dev": "demo-dev", "eval": "demo-eval", "final": "demo-final"}
 
@@ -708,9 +713,9 @@ def cell_positions(recipe: DemoRecipe, spec: str, length: int, *, n: int, seed: 
 
 def eval_systems(perk_model, ttt_model, icr_model, tokenizer, recipe: DemoRecipe, *, n: int, seed: str,
                  icr_long_model=None, out_dir: str | None = None, verbose: bool = True,
-                 lengths: tuple[int, ...] | None = None) -> dict:
-    """The demo's tables: PERK, plain TTT, FT-ICR (and the long FT-ICR) over ``eval_lengths`` x
-    ``eval_positions``, one table per evaluation task. Returns ``{"results": {task label: {system:
+                 lengths: tuple[int, ...] | None = None, steps_before: dict | None = None) -> dict:
+    """The demo's tables: PERK, plain TTT, FT-ICR (and the long FT-ICR, named by :func:`icr_long_name`
+    with ``steps_before``) over ``eval_lengths`` x ``eval_positions``, one table per evaluation task. Returns ``{"results": {task label: {system:
     {length: {position: summary}}}}, "table": text, ...}`` (one task: the sweep's own report)."""
     systems = {
         "PERK": perk_model,
@@ -719,7 +724,7 @@ def eval_systems(perk_model, ttt_model, icr_model, tokenizer, recipe: DemoRecipe
                                     max_new_tokens=recipe.max_new_tokens, progress=False),
     }
     if icr_long_model is not None:
-        systems[icr_long_name(recipe)] = functools.partial(evaluate_in_context, icr_long_model, tokenizer,
+        systems[icr_long_name(recipe, steps_before)] = functools.partial(evaluate_in_context, icr_long_model, tokenizer,
                                                            max_new_tokens=recipe.max_new_tokens, progress=False)
     lengths = recipe.eval_lengths if lengths is None else lengths
     if not recipe.mix and not recipe.eval_tasks:
@@ -845,7 +850,7 @@ def train(recipe: DemoRecipe, out_dir: str, log=_print, eval_dir: str | None = N
     times["icr_s"] = time.perf_counter() - t
     icr_long, icr_long_history = None, []
     if recipe.icr_long_steps:
-        log(f"      {icr_long_name(recipe)}: {recipe.icr_long_steps} steps x {recipe.meta_batch} examples (the same ones first)")
+        log(f"      {icr_long_name(recipe, before)}: {recipe.icr_long_steps} steps x {recipe.meta_batch} examples (the same ones first)")
         t = time.perf_counter()
         icr_long = copy.deepcopy(base) if earlier is None else load_base(os.path.join(recipe.init_from, "icr_long"))
         long_data = task_examples(recipe, recipe.icr_long_steps * recipe.meta_batch, seed)
@@ -873,7 +878,7 @@ def train(recipe: DemoRecipe, out_dir: str, log=_print, eval_dir: str | None = N
         log(f"held-out evaluation (seed {recipe.eval_seed!r}, n={recipe.eval_n} per cell)")
         ttt_model = PerkModel(load_base(os.path.join(out_dir, "base")), tokenizer, recipe.perk_config())
         final = eval_systems(perk_model, ttt_model, icr, tokenizer, recipe, n=recipe.eval_n, seed=recipe.eval_seed,
-                             icr_long_model=icr_long, out_dir=eval_dir)
+                             icr_long_model=icr_long, out_dir=eval_dir, steps_before=before)
     else:
         log("held-out evaluation skipped (--eval-n 0)")
     times["eval_s"] = time.perf_counter() - t
@@ -906,7 +911,7 @@ def train(recipe: DemoRecipe, out_dir: str, log=_print, eval_dir: str | None = N
         json.dump(report, fh, indent=2, default=str)
     log(f"training {times['train_total_s'] / 60:.1f} min (LM {times['lm_s']:.0f}s, PERK {times['perk_s']:.0f}s, "
         f"FT-ICR {times['icr_s']:.0f}s"
-        + (f", {icr_long_name(recipe)} {times['icr_long_s']:.0f}s" if "icr_long_s" in times else "") + "); "
+        + (f", {icr_long_name(recipe, before)} {times['icr_long_s']:.0f}s" if "icr_long_s" in times else "") + "); "
         f"evaluation {times['eval_s']:.0f}s")
     return report
 
@@ -1082,6 +1087,7 @@ _MIX = dataclasses.replace(
     _BINDING, mix=("needle:0", "needle:3", "needle:7", "qa1", "qa1", "qa2", "records_recall", "records_recall"),
     eval_tasks=("needle:0", "needle:3", "qa1", "qa2", "records_recall"), meta_steps=2000, icr_long_steps=4000,
     dev_every=500, eval_doc_tokens=192, max_new_tokens=32)
+_MIX_ORDERED = dataclasses.replace(_MIX, perk=dict(MULTI_PERK, shuffle_docs=False))
 CHAINS = {
     "binding": _BINDING_STAGES,
     # the binding chain, then 1,000 steps with qa1 and records added (its token-weighting writer, trained on
@@ -1097,6 +1103,11 @@ CHAINS = {
             _RESULTS, "demo_curriculum5", "assets")),
                    os.path.join(_RESULTS, "demo_curriculum8", "assets")),
         ChainStage("mix-to-9500", _MIX, os.path.join(_RESULTS, "demo_curriculum9", "assets")),
+        # then the same mix with the documents' ids in order (shuffle_docs=False: the memory can tell
+        # which move came last), 2,000 + 2,500 steps (bench/results/demo_curriculum{12,13})
+        ChainStage("ordered-to-11500", _MIX_ORDERED, os.path.join(_RESULTS, "demo_curriculum12", "assets")),
+        ChainStage("ordered-to-14000", dataclasses.replace(_MIX_ORDERED, meta_steps=2500),
+                   os.path.join(_RESULTS, "demo_curriculum13", "assets")),
     ),
 }
 SHIPPED_CHAIN = "mix"
@@ -1242,7 +1253,7 @@ def final_evaluation(assets_dir: str, *, n: int = FINAL_EVAL_N, seed: str = SEED
     t = time.perf_counter()
     table = eval_systems(run["perk"], run["ttt"], run["icr"], run["tokenizer"], run["recipe"], n=n, seed=seed,
                          icr_long_model=run["icr_long"], out_dir=os.path.join(assets_dir, "eval") if eval_dir is None
-                         else eval_dir)
+                         else eval_dir, steps_before=run["report"].get("steps_before"))
     report = dict(run["report"])
     report["final_eval"] = {k: table[k] for k in ("task", "seed", "n", "lengths", "positions", "metric", "results",
                                                   "table")}

@@ -32,8 +32,8 @@ def test_assets_present_and_small():
     assert total < 8 * 2**20, f"demo assets take {total / 2**20:.1f} MiB"
 
 
-def _systems(recipe: DemoRecipe) -> set:
-    return {"PERK", "TTT (no meta)", "FT-ICR", icr_long_name(recipe)}
+def _systems(recipe: DemoRecipe, steps_before: dict | None = None) -> set:
+    return {"PERK", "TTT (no meta)", "FT-ICR", icr_long_name(recipe, steps_before)}
 
 
 def test_report_records_recipe_chain_times_and_final_numbers():
@@ -50,7 +50,7 @@ def test_report_records_recipe_chain_times_and_final_numbers():
     assert final["seed"] == SEEDS["final"] and final["n"] == FINAL_EVAL_N
     assert set(final["results"]) == {spec_label(spec) for spec in recipe.tasks_for_eval()}
     for table in final["results"].values():
-        assert set(table) == _systems(recipe)
+        assert set(table) == _systems(recipe, report["steps_before"])
         for system in table.values():
             assert set(system) == set(map(str, recipe.eval_lengths))
             for cells in system.values():
@@ -155,8 +155,9 @@ def test_training_data_never_overlaps_evaluation_seeds():
 def test_demo_main_runs_end_to_end(capsys):
     out = demo.main(2, threads=torch.get_num_threads())
     printed = capsys.readouterr().out
-    recipe = demo.load_demo().recipe
-    for name in _systems(recipe):
+    shipped = demo.load_demo()
+    recipe = shipped.recipe
+    for name in _systems(recipe, shipped.report["steps_before"]):
         assert name in printed
     assert "n=2" in printed and f"held-out seed {SEEDS['final']!r}" in printed
     assert out["memory"]["identical"] is True
@@ -176,6 +177,10 @@ def test_long_icr_baseline_is_optional_but_never_silently_missing(tmp_path):
     d = demo.load_demo(str(assets))
     assert d.icr_long is None
     assert icr_long_name(DemoRecipe()) == "FT-ICR 10x"
+    # a continuation is named by all the steps both models had: 23,000 + 4,000 against 11,500 + 2,500
+    longer = DemoRecipe(meta_steps=2500, icr_long_steps=4000)
+    assert icr_long_name(longer) == "FT-ICR 1.6x"
+    assert icr_long_name(longer, {"perk": 11500, "icr": 11500, "icr_long": 23000}) == "FT-ICR 1.9x"
 
 
 def test_recipe_rejects_bad_values_by_name():
