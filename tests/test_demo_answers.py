@@ -117,11 +117,15 @@ def test_a_prediction_that_does_not_regenerate_is_refused(tmp_path):
 
 
 def test_the_shipped_evaluation_reads_back(capsys):
-    """The README's numbers: the shipped model's qa1 answers at 256 tokens (n = 100)."""
-    out = answers.story_breakdown(SHIPPED_EVAL, "qa1", systems=("PERK",))["PERK"][256]
-    assert out["n"] == 100 and out["right"] == 45
-    needles = answers.breakdown(SHIPPED_EVAL)  # the README's 286 / 5 / 9 and 268 / 8 / 24
-    assert needles[256] == {"right": 286, "other_code": 5, "neither": 9, "n": 300}
-    assert needles[1024] == {"right": 268, "other_code": 8, "neither": 24, "n": 300}
+    """The README's numbers: the shipped model's qa1 answers at 256 tokens (n = 100) and its needles
+    among 3 others, and the same of curriculum9 (shipped before the ordered-id runs)."""
+    for folder, qa1, at256, at1024 in (
+            (SHIPPED_EVAL, 65, (295, 0, 5), (291, 0, 9)),
+            (SHIPPED_EVAL + "_curriculum9", 45, (286, 5, 9), (268, 8, 24))):
+        out = answers.story_breakdown(folder, "qa1", systems=("PERK",))["PERK"][256]
+        assert out["n"] == 100 and out["right"] == qa1, folder
+        needles = answers.breakdown(folder)
+        for length, (right, other, neither) in ((256, at256), (1024, at1024)):
+            assert needles[length] == {"right": right, "other_code": other, "neither": neither, "n": 300}, folder
     answers.main([SHIPPED_EVAL, "--spec", "records_recall"])
     assert "name (n=" in capsys.readouterr().out
