@@ -163,10 +163,10 @@ def main(n: int | None = None, *, assets_dir: str = ASSETS_DIR, threads: int = 2
     if demo.icr_long is not None:
         times = report["times_s"]
         steps = steps_so_far(report)
-        log(f"  {icr_long_name(recipe, report.get('steps_before')):<13} the same with "
-            f"{steps['icr_long'] / steps['perk']:.2g}x the steps and examples ({steps['icr_long']:,} against "
-            f"{steps['perk']:,}; {'in the last run of the chain: ' if report.get('chain') else ''}trained "
-            f"{times.get('icr_long_s', 0):.0f}s; PERK's meta-training {times['perk_s']:.0f}s)")
+        last = "in the last run of the chain: " if report.get("chain") else ""
+        log(f"  {icr_long_name(recipe, report.get('steps_before')):<13} the same with {steps['icr_long']:,} steps "
+            f"and examples against PERK's {steps['perk']:,} ({last}trained {times.get('icr_long_s', 0):.0f}s; "
+            f"PERK's meta-training {times['perk_s']:.0f}s)")
     log("")
     table = eval_systems(demo.perk, demo.ttt, demo.icr, demo.tokenizer, recipe, n=n, seed=seed,
                          icr_long_model=demo.icr_long, out_dir=out_dir, verbose=True,

@@ -715,8 +715,9 @@ def eval_systems(perk_model, ttt_model, icr_model, tokenizer, recipe: DemoRecipe
                  icr_long_model=None, out_dir: str | None = None, verbose: bool = True,
                  lengths: tuple[int, ...] | None = None, steps_before: dict | None = None) -> dict:
     """The demo's tables: PERK, plain TTT, FT-ICR (and the long FT-ICR, named by :func:`icr_long_name`
-    with ``steps_before``) over ``eval_lengths`` x ``eval_positions``, one table per evaluation task. Returns ``{"results": {task label: {system:
-    {length: {position: summary}}}}, "table": text, ...}`` (one task: the sweep's own report)."""
+    with ``steps_before``) over ``eval_lengths`` x ``eval_positions``, one table per evaluation task.
+    Returns ``{"results": {task label: {system: {length: {position: summary}}}}, "table": text, ...}``
+    (one task: the sweep's own report)."""
     systems = {
         "PERK": perk_model,
         "TTT (no meta)": ttt_model,
@@ -724,8 +725,8 @@ def eval_systems(perk_model, ttt_model, icr_model, tokenizer, recipe: DemoRecipe
                                     max_new_tokens=recipe.max_new_tokens, progress=False),
     }
     if icr_long_model is not None:
-        systems[icr_long_name(recipe, steps_before)] = functools.partial(evaluate_in_context, icr_long_model, tokenizer,
-                                                           max_new_tokens=recipe.max_new_tokens, progress=False)
+        systems[icr_long_name(recipe, steps_before)] = functools.partial(
+            evaluate_in_context, icr_long_model, tokenizer, max_new_tokens=recipe.max_new_tokens, progress=False)
     lengths = recipe.eval_lengths if lengths is None else lengths
     if not recipe.mix and not recipe.eval_tasks:
         return sweep(systems, task=recipe.task, lengths=lengths, positions=recipe.eval_positions, n=n,
@@ -850,7 +851,8 @@ def train(recipe: DemoRecipe, out_dir: str, log=_print, eval_dir: str | None = N
     times["icr_s"] = time.perf_counter() - t
     icr_long, icr_long_history = None, []
     if recipe.icr_long_steps:
-        log(f"      {icr_long_name(recipe, before)}: {recipe.icr_long_steps} steps x {recipe.meta_batch} examples (the same ones first)")
+        log(f"      {icr_long_name(recipe, before)}: {recipe.icr_long_steps} steps x {recipe.meta_batch} examples "
+            "(the same ones first)")
         t = time.perf_counter()
         icr_long = copy.deepcopy(base) if earlier is None else load_base(os.path.join(recipe.init_from, "icr_long"))
         long_data = task_examples(recipe, recipe.icr_long_steps * recipe.meta_batch, seed)
@@ -1092,7 +1094,7 @@ CHAINS = {
     "binding": _BINDING_STAGES,
     # the binding chain, then 1,000 steps with qa1 and records added (its token-weighting writer, trained on
     # needles only, then gives qa1 answers weight 0), then the mix with that writer reset to uniform weights,
-    # then the same mix 2,000 steps more: 9,500 meta-steps (bench/results/demo_curriculum{5,8,9})
+    # then the same mix 2,000 steps more, 9,500 meta-steps by then (bench/results/demo_curriculum{5,8,9})
     "mix": _BINDING_STAGES + (
         ChainStage("qa-records", dataclasses.replace(
             _BINDING, mix=("needle:0", "needle:1", "needle:3", "needle:5", "needle:7", "qa1", "records_recall"),

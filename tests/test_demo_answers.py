@@ -121,7 +121,7 @@ def test_the_shipped_evaluation_reads_back(capsys):
     among 3 others, and the same of curriculum9 (shipped before the ordered-id runs)."""
     for folder, qa1, at256, at1024 in (
             (SHIPPED_EVAL, 65, (295, 0, 5), (291, 0, 9)),
-            (SHIPPED_EVAL + "_curriculum9", 45, (286, 5, 9), (268, 8, 24))):
+            (os.path.join(_ROOT, "bench", "results", "demo_eval_curriculum9"), 45, (286, 5, 9), (268, 8, 24))):
         out = answers.story_breakdown(folder, "qa1", systems=("PERK",))["PERK"][256]
         assert out["n"] == 100 and out["right"] == qa1, folder
         needles = answers.breakdown(folder)
