@@ -1110,6 +1110,8 @@ CHAINS = {
         ChainStage("ordered-to-11500", _MIX_ORDERED, os.path.join(_RESULTS, "demo_curriculum12", "assets")),
         ChainStage("ordered-to-14000", dataclasses.replace(_MIX_ORDERED, meta_steps=2500),
                    os.path.join(_RESULTS, "demo_curriculum13", "assets")),
+        ChainStage("ordered-to-16500", dataclasses.replace(_MIX_ORDERED, meta_steps=2500, icr_long_steps=6000),
+                   os.path.join(_RESULTS, "demo_curriculum14", "assets")),
     ),
 }
 SHIPPED_CHAIN = "mix"
