@@ -8,7 +8,7 @@
     python -m perk_fast.demo_train --recipe needle --meta-steps 300 --eval-n 16 --out /tmp/x   # a quick look
 
 The shipped model is the end of a *chain* of runs (``CHAINS["mix"]``), a d=96 Llama (265 k
-weights) with a rank-16 memory, meta-trained on 2 gloo processes, 16,500 meta-steps in all:
+weights) with a rank-16 memory, meta-trained on 2 gloo processes, 19,000 meta-steps in all:
 
 * the ``binding`` chain (4 runs, 4,500 steps, 151 min): needles among 0 to 7 other people's codes
   (one asked) over documents shorter and longer than a segment. A curriculum run (single needles
@@ -18,14 +18,15 @@ weights) with a rank-16 memory, meta-trained on 2 gloo processes, 16,500 meta-st
   writer reset to uniform weights (``reset_meta``: trained on needles only, it gave qa1 answers
   weight 0), 2,000 steps (42 min), and the same mix 2,000 steps more (46 min);
 * the same mix with the documents' ids in order (``shuffle_docs=False``; shuffled ids hide which of
-  a story's moves came last), 2,000 steps (60 min), 2,500 more (64 min) and 2,500 more (63 min).
+  a story's moves came last), 2,000 steps (60 min), then 2,500 more three times (64, 63 and 68 min).
 
-About 7.9 hours of training on 2 cores (473 min recorded). Each stage is an ordinary run (below); the chain
-writes all but the last under ``bench/results/demo_chain/<chain>`` (``--work-dir``), skips a stage
-already finished there (so it can be split over sessions), and ends with the final held-out
+About 9 hours of training on 2 cores (541 min recorded, 7 of them paused while another job ran). Each
+stage is an ordinary run (below); the chain writes all but the last under
+``bench/results/demo_chain/<chain>`` (``--work-dir``), skips a stage already finished there (so it can
+be split over sessions), and ends with the final held-out
 evaluation (seed ``demo-final``, 100 examples per cell, stored as ``final_eval`` in
 ``train_report.json``; the predictions in ``bench/results/demo_eval``). The shipped files come from
-the recorded runs ``bench/results/demo_curriculum{,2,3,4,5,8,9,12,13,14}`` (``--adopt recorded``: recipes
+the recorded runs ``bench/results/demo_curriculum{,2,3,4,5,8,9,12,13,14,15}`` (``--adopt recorded``: recipes
 checked stage by stage, no retraining).
 
 One run has three stages, every one from the seeded generators of :mod:`perk_fast.tasks` (here as
@@ -1106,13 +1107,16 @@ CHAINS = {
                    os.path.join(_RESULTS, "demo_curriculum8", "assets")),
         ChainStage("mix-to-9500", _MIX, os.path.join(_RESULTS, "demo_curriculum9", "assets")),
         # then the same mix with the documents' ids in order (shuffle_docs=False: the memory can tell
-        # which move came last), 2,000 + 2,500 + 2,500 steps (bench/results/demo_curriculum{12,13,14}; the last
-        # gives the long FT-ICR 6,000 steps so that the chain's is 2x PERK's again)
+        # which move came last), 2,000 + 2,500 + 2,500 + 2,500 steps (bench/results/demo_curriculum{12,13,14,15};
+        # curriculum14 gives the long FT-ICR 6,000 steps so that the chain's is 2x PERK's again, curriculum15
+        # 5,000 to keep it there)
         ChainStage("ordered-to-11500", _MIX_ORDERED, os.path.join(_RESULTS, "demo_curriculum12", "assets")),
         ChainStage("ordered-to-14000", dataclasses.replace(_MIX_ORDERED, meta_steps=2500),
                    os.path.join(_RESULTS, "demo_curriculum13", "assets")),
         ChainStage("ordered-to-16500", dataclasses.replace(_MIX_ORDERED, meta_steps=2500, icr_long_steps=6000),
                    os.path.join(_RESULTS, "demo_curriculum14", "assets")),
+        ChainStage("ordered-to-19000", dataclasses.replace(_MIX_ORDERED, meta_steps=2500, icr_long_steps=5000),
+                   os.path.join(_RESULTS, "demo_curriculum15", "assets")),
     ),
 }
 SHIPPED_CHAIN = "mix"
