@@ -16,7 +16,8 @@ _spec = importlib.util.spec_from_file_location("demo_answers", os.path.join(_ROO
 answers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(answers)
 
-SHIPPED_EVAL = os.path.join(_ROOT, "bench", "results", "demo_eval")
+_RESULTS = os.path.join(_ROOT, "bench", "results")
+SHIPPED_EVAL = os.path.join(_RESULTS, "demo_eval")
 
 
 def _write(folder, examples, predictions, seed):
@@ -123,13 +124,13 @@ def test_the_shipped_evaluation_reads_back(capsys):
     model and curriculum17 on the second held-out seed."""
     for folder, qa1, at256, at1024 in (
             (SHIPPED_EVAL, 71, (298, 0, 2), (295, 0, 5)),
-            (os.path.join(_ROOT, "bench", "results", "demo_eval_curriculum14"), 69, (299, 0, 1), (299, 0, 1)),
-            (os.path.join(_ROOT, "bench", "results", "demo_eval_curriculum13"), 65, (295, 0, 5), (291, 0, 9)),
-            (os.path.join(_ROOT, "bench", "results", "demo_eval_curriculum9"), 45, (286, 5, 9), (268, 8, 24)),
-            (os.path.join(_ROOT, "bench", "results", "demo_eval_curriculum17"), 65, (298, 0, 2), (297, 0, 3)),
+            (os.path.join(_RESULTS, "demo_eval_curriculum14"), 69, (299, 0, 1), (299, 0, 1)),
+            (os.path.join(_RESULTS, "demo_eval_curriculum13"), 65, (295, 0, 5), (291, 0, 9)),
+            (os.path.join(_RESULTS, "demo_eval_curriculum9"), 45, (286, 5, 9), (268, 8, 24)),
+            (os.path.join(_RESULTS, "demo_eval_curriculum17"), 65, (298, 0, 2), (297, 0, 3)),
             # the same two models on the second held-out seed, demo-fresh
-            (os.path.join(_ROOT, "bench", "results", "demo_fresh_seed", "curriculum15"), 59, (296, 3, 1), (290, 4, 6)),
-            (os.path.join(_ROOT, "bench", "results", "demo_fresh_seed", "curriculum17"), 59, (300, 0, 0), (295, 0, 5))):
+            (os.path.join(_RESULTS, "demo_fresh_seed", "curriculum15"), 59, (296, 3, 1), (290, 4, 6)),
+            (os.path.join(_RESULTS, "demo_fresh_seed", "curriculum17"), 59, (300, 0, 0), (295, 0, 5))):
         out = answers.story_breakdown(folder, "qa1", systems=("PERK",))["PERK"][256]
         assert out["n"] == 100 and out["right"] == qa1, folder
         needles = answers.breakdown(folder)
