@@ -99,6 +99,7 @@ def setup(backend: str | None = None) -> DistContext:
                 raise RuntimeError(f"WORLD_SIZE={world} but {name} is not set: launch with torchrun "
                                    "(e.g. torchrun --nproc_per_node 2 script.py)")
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        _import_group_default_modules()
         dist.init_process_group(backend=backend, timeout=timeout())
         # the group this module made is destroyed at exit: left to the interpreter's teardown, gloo's
         # threads were seen to abort a rank ("terminate called without an active exception", SIGABRT)
@@ -107,6 +108,22 @@ def setup(backend: str | None = None) -> DistContext:
     if torch.cuda.is_available() and ctx.active:
         torch.cuda.set_device(ctx.local_rank)
     return ctx
+
+
+def _import_group_default_modules() -> None:
+    """Import, before the group exists, the torch modules that bind ``group.WORLD`` as a default.
+
+    ``torch.distributed.nn.functional`` evaluates ``group=group.WORLD`` when it is imported; loading
+    a model imports it (through ``torch.distributed._shard``) after the group is made, and its ten
+    functions then hold the group for the life of the process. ``destroy_process_group`` cannot
+    free it, gloo's worker threads outlive the interpreter, and a rank aborted at exit ("terminate
+    called without an active exception") in about one run in ten. Imported first, the defaults
+    are ``None`` and :func:`teardown` frees the group.
+    """
+    try:
+        import torch.distributed.nn.functional  # noqa: F401
+    except ImportError:  # a torch build without it has nothing to bind
+        pass
 
 
 def teardown() -> None:

@@ -190,3 +190,23 @@ def test_meta_train_runs_unchanged_under_torchrun(tmp_path):
     assert got[0] == got[1] and got[0]["world"] == 2
     single = run_scenario("checkpointed-B3")
     assert got[0]["losses"] == pytest.approx([h["loss"] for h in single["history"]], rel=REL_TOL)
+
+
+def test_teardown_frees_the_group_when_a_model_load_imported_a_group_default(tmp_path):
+    # torch.distributed.nn.functional binds group.WORLD in its defaults when imported; imported
+    # after the group (model loading does), it held the group past destroy_process_group and gloo's
+    # threads aborted a rank at interpreter exit in about one run in ten
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), os.path.join(os.path.dirname(__file__), "dist_exit_worker.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    for r in range(2):
+        got = json.loads((tmp_path / f"exit_rank{r}.json").read_text())
+        assert not got["imported_early"], "the worker imported torch.distributed.nn.functional before the group"
+        assert got["name"] == "run-3" and not got["initialized"]
+        if got["after"] is None:
+            pytest.skip("no /proc/self/task here to list threads")
+        assert [t for t in got["during"] if "gloo" in t], f"rank {r}: no gloo thread to look for: {got['during']}"
+        assert not [t for t in got["after"] if "gloo" in t], f"rank {r}: gloo threads outlived teardown: {got['after']}"
