@@ -90,9 +90,12 @@ fresh examples, ``demo-train/after-<steps>``) bring the same d=96 model from cha
 needles among 3 others after 4,500 meta-steps, with single needles at 100 % (``bench/results/demo_curriculum*``;
 README).
 
-Seeds (string seeds of ``tasks.generate``): ``demo-lm`` (LM corpus), ``demo-train`` (PERK and
-FT-ICR examples), ``demo-dev`` (monitoring during training, used for the recipe choices),
-``demo-eval`` (the final numbers and the demo; never looked at while choosing the recipe).
+Seeds (string seeds of ``tasks.generate``; ``SEEDS``): ``demo-lm`` (LM corpus), ``demo-train``
+(PERK and FT-ICR examples), ``demo-dev`` (monitoring during training, used for the recipe choices),
+``demo-eval`` (each run's own held-out evaluation, which recipe choices also looked at),
+``demo-final`` (the shipped model's final evaluation, ``--adopt``; which run to ship was decided
+after seeing it) and ``demo-fresh`` (the demo's default, ``python -m perk_fast.demo``: used by no
+training, run evaluation or choice).
 """
 from __future__ import annotations
 
@@ -136,8 +139,12 @@ def icr_long_name(recipe: "DemoRecipe", steps_before: dict | None = None) -> str
     before = steps_before or {"perk": 0, "icr_long": 0}
     k = (before["icr_long"] + recipe.icr_long_steps) / (before["perk"] + recipe.meta_steps)
     return f"FT-ICR {round(k, 1):g}x"
-# "final": the shipped model's held-out numbers (``final_evaluation``), a seed no run or recipe choice has seen
-SEEDS = {"lm": "demo-lm", "train": "demo-train", "dev": "demo-dev", "eval": "demo-eval", "final": "demo-final"}
+# "final": the shipped model's held-out numbers (``final_evaluation``); no run trains or evaluates on
+#   it, but the adoption of curriculum13, 14 and 15 was decided after their numbers on it were seen
+# "fresh": the demo's default (``python -m perk_fast.demo``): no training, run evaluation or recipe
+#   choice has used it (first evaluated after the last choice, curriculum17's, was made)
+SEEDS = {"lm": "demo-lm", "train": "demo-train", "dev": "demo-dev", "eval": "demo-eval", "final": "demo-final",
+         "fresh": "demo-fresh"}
 
 
 @dataclass

@@ -32,6 +32,10 @@ def test_assets_present_and_small():
     assert total < 8 * 2**20, f"demo assets take {total / 2**20:.1f} MiB"
 
 
+# the demo's default seed evaluated once with n = 100 (python -m perk_fast.demo -n 100 --out ...)
+FRESH_SEED_DIR = os.path.join(os.path.dirname(SHIPPED_EVAL_DIR), "demo_fresh_seed", "curriculum15")
+
+
 def _systems(recipe: DemoRecipe, steps_before: dict | None = None) -> set:
     return {"PERK", "TTT (no meta)", "FT-ICR", icr_long_name(recipe, steps_before)}
 
@@ -130,24 +134,43 @@ def test_shipped_predictions_are_reproduced():
     assert out["predictions"] == [r["prediction"] for r in shipped]
 
 
+def test_the_demo_seed_reproduces_the_committed_fresh_seed_predictions():
+    """The demo's default seed is the one of bench/results/demo_fresh_seed: PERK's first answers in
+    the 4-code cell at 4x the training length are the committed ones."""
+    d = demo.load_demo()
+    spec, length = "needle:3", d.recipe.eval_lengths[-1]
+    path = os.path.join(FRESH_SEED_DIR, spec.replace(":", "-"), "PERK", f"L{length}_post", "predictions.jsonl")
+    with open(path, encoding="utf-8") as fh:
+        committed = [json.loads(line) for line in fh][:3]
+    task, kw = task_spec(spec)
+    data = generate(task, 3, seed=f"{demo.demo_seed()}/{spec}", context_tokens=length, position="post",
+                    doc_tokens=d.recipe.eval_doc_tokens or d.recipe.doc_tokens, **kw)
+    out = evaluate(d.perk, data, max_new_tokens=d.recipe.max_new_tokens, progress=False)
+    assert out["predictions"] == [r["prediction"] for r in committed]
+
+
 def test_training_data_never_overlaps_evaluation_seeds():
-    """The final held-out seed is none of the chain's training, dev or earlier evaluation seeds, and
-    its contexts are not among the first training examples of any stage."""
+    """The held-out seeds (the final evaluation's and the demo's default) are none of the chain's
+    training, dev or earlier evaluation seeds, and their contexts are not among the first training
+    examples of any stage."""
     steps, held = 0, set()
     recipe = CHAINS[SHIPPED_CHAIN][-1].recipe
-    for spec in recipe.tasks_for_eval():
-        task, kw = task_spec(spec)
-        seed = f"{SEEDS['final']}/{spec}"
-        for position in demo_train.cell_positions(recipe, spec, recipe.train_len, n=32, seed=seed):
-            held |= {" ".join(e.context) for e in generate(task, 32, seed=seed, context_tokens=recipe.train_len,
-                                                           position=position, doc_tokens=recipe.doc_tokens, **kw)}
+    assert demo.demo_seed() == SEEDS["fresh"] != SEEDS["final"]
+    for name in ("final", "fresh"):
+        for spec in recipe.tasks_for_eval():
+            task, kw = task_spec(spec)
+            seed = f"{SEEDS[name]}/{spec}"
+            for position in demo_train.cell_positions(recipe, spec, recipe.train_len, n=32, seed=seed):
+                held |= {" ".join(e.context) for e in generate(task, 32, seed=seed, context_tokens=recipe.train_len,
+                                                               position=position, doc_tokens=recipe.doc_tokens, **kw)}
     for stage in CHAINS[SHIPPED_CHAIN]:
         seed = train_seed(steps)
-        assert SEEDS["final"] not in seed and SEEDS["eval"] not in seed
+        assert SEEDS["final"] not in seed and SEEDS["eval"] not in seed and SEEDS["fresh"] not in seed
+        assert SEEDS["fresh"] not in (stage.recipe.eval_seed, SEEDS["final"])
         small = dataclasses.replace(stage.recipe, meta_steps=8, warmup_meta_steps=min(stage.recipe.warmup_meta_steps, 4))
         assert not {" ".join(e.context) for e in training_examples(small, seed)} & held
         steps += stage.recipe.meta_steps
-    assert len({SEEDS["final"], SEEDS["eval"], SEEDS["dev"], SEEDS["train"], SEEDS["lm"]}) == 5
+    assert len(set(SEEDS.values())) == len(SEEDS) == 6
     dev = task_examples(recipe, 40, SEEDS["dev"])
     assert not {" ".join(e.context) for e in dev} & held
 
@@ -159,7 +182,7 @@ def test_demo_main_runs_end_to_end(capsys):
     recipe = shipped.recipe
     for name in _systems(recipe, shipped.report["steps_before"]):
         assert name in printed
-    assert "n=2" in printed and f"held-out seed {SEEDS['final']!r}" in printed
+    assert "n=2" in printed and f"held-out seed {SEEDS['fresh']!r}" in printed
     assert out["memory"]["identical"] is True
     assert len(out["memory"]["answers"]) >= 2
     assert set(out["results"]) == {spec_label(spec) for spec in recipe.tasks_for_eval()}
@@ -409,7 +432,6 @@ def test_a_chain_runs_its_stages_in_order_and_goes_on_at_the_first_unfinished_on
     assert [st["stage"] for st in report["chain"]["stages"]] == ["first", "second"]
     assert report["final_eval"]["seed"] == SEEDS["final"] and report["final_eval"]["n"] == 1
     assert demo_train.training_minutes(report) == pytest.approx(report["chain"]["train_total_s"] / 60)
-    assert demo.demo_seed(report) == SEEDS["final"]
     # runs trained already become the chain's result without training (checked stage by stage)
     adopted = str(tmp_path / "adopted")
     got = demo_train.adopt_chain("toy", [first, out], adopted, final_n=1, log=lambda *a: None)
