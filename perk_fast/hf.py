@@ -73,8 +73,10 @@ def check_runtime(hf_model: nn.Module) -> None:
     flag = "is_activation_checkpointing" if hasattr(type(hf_model), "is_activation_checkpointing") else \
         "is_gradient_checkpointing"
     if getattr(hf_model, flag, False):
+        off = "activation_checkpointing_disable" if hasattr(type(hf_model), "activation_checkpointing_disable") else \
+            "gradient_checkpointing_disable"
         raise ValueError(f"model type {kind!r} has Hugging Face gradient checkpointing enabled, which recomputes "
-                         "layers without the active memory: call hf_model.gradient_checkpointing_disable() "
+                         f"layers without the active memory: call hf_model.{off}() "
                          "(PerkConfig(meta_grad='checkpointed' or 'recomputed') keeps meta-training memory flat)")
     device_map = getattr(hf_model, "hf_device_map", None)
     if isinstance(device_map, dict) and len({str(d) for d in device_map.values()}) > 1:

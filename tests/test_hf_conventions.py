@@ -3,6 +3,7 @@ cases users hit (dtype casts, BOS, unsupported models, nesting, gradient checkpo
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -199,13 +200,24 @@ def test_nested_adapters_active_restores_the_outer_adapters():
     assert torch.equal(first, again) and pm._slot.active is None
 
 
+def _enable_hf_checkpointing(model) -> None:
+    """transformers' checkpointing switch under its current name (the older one warns in 5.x)."""
+    name = "activation_checkpointing_enable" if hasattr(model, "activation_checkpointing_enable") else \
+        "gradient_checkpointing_enable"
+    getattr(model, name)()
+
+
 def test_hf_gradient_checkpointing_is_refused():
     model = tiny_llama()
-    model.gradient_checkpointing_enable()
-    with pytest.raises(ValueError, match="gradient checkpointing"):
+    _enable_hf_checkpointing(model)
+    with pytest.raises(ValueError, match="gradient checkpointing") as err:
         PerkModel(model, TOKENIZER, PerkConfig(**CFG))
+    # the error names the call that turns it off, and that call is enough
+    (advice,) = re.findall(r"call hf_model\.(\w+)\(\)", str(err.value))
+    getattr(model, advice)()
+    PerkModel(model, TOKENIZER, PerkConfig(**CFG))
     pm = _pm("llama")
-    pm.hf_model.gradient_checkpointing_enable()  # turned on later: refused at the next pass
+    _enable_hf_checkpointing(pm.hf_model)  # turned on later: refused at the next pass
     with pytest.raises(ValueError, match="gradient checkpointing"):
         pm.meta_loss(CONTEXTS[:1], QUESTIONS[:1], ["kitchen"])
 
