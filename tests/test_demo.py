@@ -116,34 +116,23 @@ def test_demo_models_load_and_match_their_bases():
     assert model_fingerprint(d.icr) != model_fingerprint(d.icr_long)
 
 
-def test_shipped_predictions_are_reproduced():
-    """Re-run PERK on the first held-out examples of the hardest needle cell: the same predictions as
-    the shipped final evaluation's files."""
+@pytest.mark.parametrize("which, position", [("final", "mid"), ("fresh", "post")])
+def test_shipped_predictions_are_reproduced(which, position):
+    """Re-run PERK on the first held-out examples of the hardest needle cell at 4x the training
+    length: the same predictions as the committed files of the shipped final evaluation (seed
+    demo-final) and of the demo's default seed (demo-fresh)."""
     d = demo.load_demo()
-    final = _report()["final_eval"]
+    seed, folder = (_report()["final_eval"]["seed"], SHIPPED_EVAL_DIR) if which == "final" else \
+        (demo.demo_seed(), FRESH_SEED_DIR)
+    assert seed == SEEDS[which]
     spec = "needle:3"
     assert spec in d.recipe.tasks_for_eval()
     length = d.recipe.eval_lengths[-1]
-    path = os.path.join(SHIPPED_EVAL_DIR, spec.replace(":", "-"), "PERK", f"L{length}_mid", "predictions.jsonl")
-    with open(path, encoding="utf-8") as fh:
-        shipped = [json.loads(line) for line in fh][:3]
-    task, kw = task_spec(spec)
-    data = generate(task, 3, seed=f"{final['seed']}/{spec}", context_tokens=length, position="mid",
-                    doc_tokens=d.recipe.eval_doc_tokens or d.recipe.doc_tokens, **kw)
-    out = evaluate(d.perk, data, max_new_tokens=d.recipe.max_new_tokens, progress=False)
-    assert out["predictions"] == [r["prediction"] for r in shipped]
-
-
-def test_the_demo_seed_reproduces_the_committed_fresh_seed_predictions():
-    """The demo's default seed is the one of bench/results/demo_fresh_seed: PERK's first answers in
-    the 4-code cell at 4x the training length are the committed ones."""
-    d = demo.load_demo()
-    spec, length = "needle:3", d.recipe.eval_lengths[-1]
-    path = os.path.join(FRESH_SEED_DIR, spec.replace(":", "-"), "PERK", f"L{length}_post", "predictions.jsonl")
+    path = os.path.join(folder, spec.replace(":", "-"), "PERK", f"L{length}_{position}", "predictions.jsonl")
     with open(path, encoding="utf-8") as fh:
         committed = [json.loads(line) for line in fh][:3]
     task, kw = task_spec(spec)
-    data = generate(task, 3, seed=f"{demo.demo_seed()}/{spec}", context_tokens=length, position="post",
+    data = generate(task, 3, seed=f"{seed}/{spec}", context_tokens=length, position=position,
                     doc_tokens=d.recipe.eval_doc_tokens or d.recipe.doc_tokens, **kw)
     out = evaluate(d.perk, data, max_new_tokens=d.recipe.max_new_tokens, progress=False)
     assert out["predictions"] == [r["prediction"] for r in committed]
