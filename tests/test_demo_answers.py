@@ -120,17 +120,19 @@ def test_a_prediction_that_does_not_regenerate_is_refused(tmp_path):
 def test_the_shipped_evaluation_reads_back(capsys):
     """The README's numbers: the shipped model's qa1 answers at 256 tokens (n = 100) and its needles
     among 3 others, and the same of curriculum14 and curriculum13 (shipped before it, in turn) and curriculum9
-    (shipped before the ordered-id runs), and curriculum17 (evaluated, not adopted); then the shipped
-    model and curriculum17 on the second held-out seed."""
+    (shipped before the ordered-id runs), curriculum17 and curriculum18 (evaluated, not adopted); then the
+    shipped model, curriculum17 and curriculum18 on the second held-out seed."""
     for folder, qa1, at256, at1024 in (
             (SHIPPED_EVAL, 71, (298, 0, 2), (295, 0, 5)),
             (os.path.join(_RESULTS, "demo_eval_curriculum14"), 69, (299, 0, 1), (299, 0, 1)),
             (os.path.join(_RESULTS, "demo_eval_curriculum13"), 65, (295, 0, 5), (291, 0, 9)),
             (os.path.join(_RESULTS, "demo_eval_curriculum9"), 45, (286, 5, 9), (268, 8, 24)),
             (os.path.join(_RESULTS, "demo_eval_curriculum17"), 65, (298, 0, 2), (297, 0, 3)),
-            # the same two models on the second held-out seed, demo-fresh
+            (os.path.join(_RESULTS, "demo_eval_curriculum18"), 69, (294, 0, 6), (293, 3, 4)),
+            # the same models on the second held-out seed, demo-fresh
             (os.path.join(_RESULTS, "demo_fresh_seed", "curriculum15"), 59, (296, 3, 1), (290, 4, 6)),
-            (os.path.join(_RESULTS, "demo_fresh_seed", "curriculum17"), 59, (300, 0, 0), (295, 0, 5))):
+            (os.path.join(_RESULTS, "demo_fresh_seed", "curriculum17"), 59, (300, 0, 0), (295, 0, 5)),
+            (os.path.join(_RESULTS, "demo_fresh_seed", "curriculum18"), 61, (298, 2, 0), (299, 0, 1))):
         out = answers.story_breakdown(folder, "qa1", systems=("PERK",))["PERK"][256]
         assert out["n"] == 100 and out["right"] == qa1, folder
         needles = answers.breakdown(folder)
