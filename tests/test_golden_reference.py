@@ -132,7 +132,9 @@ def test_the_cases_differ_where_the_reference_says_they_do(tensors):
 
 def test_reference_checkpoint_imports(tensors):
     model, tokenizer = _base()
-    pm = PerkModel.from_reference_checkpoint(os.path.join(FIXTURE, "reference.ckpt"), model, tokenizer)
+    # the reference's hyper-parameters carry lora_r, which it never reads: the import says so
+    with pytest.warns(UserWarning, match=r"lora_r=16 is ignored: the reference never reads it"):
+        pm = PerkModel.from_reference_checkpoint(os.path.join(FIXTURE, "reference.ckpt"), model, tokenizer)
     assert pm.config.lora_rank == 4 and pm.config.inner_steps == 4
     for i, site in enumerate(pm.sites):
         assert torch.equal(pm.lora_A[i], tensors[f"ckpt/A/{site.name}"].to(pm.lora_A[i]))
@@ -146,7 +148,7 @@ def test_reference_checkpoint_of_another_base_is_refused():
     model, tokenizer = _base()
     with torch.no_grad():
         model.transformer.h[0].attn.c_attn.weight.add_(0.1)
-    with pytest.raises(ValueError, match="another base model"):
+    with pytest.raises(ValueError, match="another base model"), pytest.warns(UserWarning, match="lora_r=16"):
         PerkModel.from_reference_checkpoint(os.path.join(FIXTURE, "reference.ckpt"), model, tokenizer)
 
 
