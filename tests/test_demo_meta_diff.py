@@ -23,10 +23,14 @@ def test_the_summary_is_the_runs_own_first_step_rates_and_b_norms(capsys):
     for run, rank in ((RANK16, 16), (RANK64, 64)):
         meta = load_file(os.path.join(run, "perk", "meta_parameters.safetensors"))
         with open(os.path.join(run, "train_report.json"), encoding="utf-8") as fh:
-            first = json.load(fh)["perk_history"][0]
+            history = json.load(fh)["perk_history"]
+        first, last = history[0], history[-25:]
         s = out[run]
         assert s["rank"] == rank and s["first_step"]["step"] == 1 == first["step"]
         assert s["first_step"]["inner_loss_last"] == first["inner_loss_last"] and s["first_step"]["loss"] == first["loss"]
+        assert s["last_logged"]["steps"] == (last[0]["step"], last[-1]["step"]) and len(history) > 25
+        for k in ("loss", "inner_loss_first", "inner_loss_last"):
+            assert s["last_logged"][k] == pytest.approx(sum(h[k] for h in last) / 25, rel=1e-12)
         assert s["inner_lr_mean_abs"] == pytest.approx(meta["inner_lrs"].abs().mean().item(), rel=1e-6)
         sq = [(v.double() ** 2) for k, v in meta.items() if k.startswith("lora_B.")]
         learned = sum(x[:, :16].sum() for x in sq).sqrt().item()
