@@ -97,7 +97,7 @@ def run_size(text: str, *, steps: int, lm_steps: int | None, perk_steps: int, n:
                                       batch_size=recipe.meta_batch, lr=recipe.icr_lr, seed=recipe.seed,
                                       progress=False)
     icr.requires_grad_(False)
-    row["icr_s"] = round(time.perf_counter() - t, 1)
+    row["icr_s"] = round(time.perf_counter() - t, 3)
     row["icr_final_loss"] = sum(h["loss"] for h in icr_history[-20:]) / len(icr_history[-20:])
     row["exact_match"] = {}
     for spec in recipe.eval_tasks:
