@@ -268,9 +268,11 @@ class DemoRecipe:
         return (f"{self.task}:{self.distractors[0]}",) if self.task == "needle" else (self.task,)
 
     def perk_config(self) -> PerkConfig:
+        """The recipe's ``perk`` dict as a validated :class:`PerkConfig` (a bad field raises there)."""
         return PerkConfig(**self.perk)
 
     def to_dict(self) -> dict:
+        """Every field as plain JSON-able values (what ``train_report.json`` records as the recipe)."""
         return dataclasses.asdict(self)
 
 
@@ -1295,6 +1297,8 @@ def training_minutes(report: dict) -> float:
 
 
 def main(argv=None) -> dict:
+    """``python -m perk_fast.demo_train``: train a recipe or a chain (or adopt recorded runs with
+    ``--adopt``) and return its report (the dict written to ``train_report.json``)."""
     parsed = _parse(argv)
     if isinstance(parsed, ChainArgs) and parsed.adopt:
         return adopt_chain(parsed.name, list(parsed.adopt), parsed.out, eval_dir=parsed.eval_out,

@@ -406,6 +406,8 @@ class RunLog:
             self.wandb = _wandb(run, config)
 
     def metrics(self, record: Mapping[str, Any], kind: str = "train") -> None:
+        """Append the record's scalars to ``metrics.jsonl`` (main process only) and to TensorBoard / W&B
+        when they are on, under ``<kind>/<key>`` at the record's ``step``."""
         if not self.ctx.is_main:
             return
         row = {"kind": kind, **{k: v for k, v in record.items() if isinstance(v, (int, float, str, bool))}}
@@ -422,6 +424,7 @@ class RunLog:
             self.wandb.log(numbers, step=step)
 
     def close(self) -> None:
+        """Flush and close the TensorBoard writer, finish the W&B run and detach the log-file handler."""
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:
@@ -529,6 +532,8 @@ class BestCheckpoints:
         return a < b if self.run.monitor_mode == "min" else a > b
 
     def offer(self, step: int, score: float) -> None:
+        """Save a checkpoint for ``step`` if ``score`` is among the ``save_top_k`` best so far (by
+        ``callback_monitor``), delete the one it displaces and rewrite ``best.json``; NaN scores are never kept."""
         k = self.run.save_top_k
         if k == 0 or not math.isfinite(score):
             return
@@ -572,6 +577,7 @@ class EarlyStopping:
         self.wait = 0
 
     def update(self, score: float) -> bool:
+        """Record a validation score; True when ``patience`` checks in a row have not improved on the best."""
         if self.best is None or (score < self.best if self.run.monitor_mode == "min" else score > self.best):
             self.best, self.wait = score, 0
         else:

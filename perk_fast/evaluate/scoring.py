@@ -50,6 +50,8 @@ def in_context_prompt(context: Any, question: str) -> str:
 
 
 def unpack_examples(dataset: Sequence[Any]) -> list[dict]:
+    """Rows of ``context`` / ``question`` / ``answer`` (``support`` and ``meta`` optional) from a list of
+    :class:`perk_fast.tasks.Example` or dicts; a missing required field names the example's index."""
     if isinstance(dataset, (str, bytes)) or not isinstance(dataset, Sequence):
         raise TypeError("dataset must be a list of examples (perk_fast.tasks.Example or dicts)")
     if len(dataset) == 0:
