@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip install -q --disable-pip-version-check
 
-.PHONY: install install-test bench test demo demo-train gpu-check clean
+.PHONY: install install-test bench test demo demo-train demo-train-2h gpu-check clean
 
 # torch: the CPU build 2.13.0 when torch is missing (a bare `pip install torch` would pull a CUDA build)
 install:
@@ -23,6 +23,10 @@ demo: install
 
 demo-train: install
 	$(PYTHON) -m perk_fast.demo_train
+
+# the 2-hour chain from a fresh base (CHAINS["direct"]); not the shipped model
+demo-train-2h: install
+	$(PYTHON) -m perk_fast.demo_train --recipe direct --out bench/results/demo_chain/direct
 
 gpu-check:
 	bash bench/gpu_check.sh

@@ -478,6 +478,21 @@ def test_a_chain_cannot_be_changed_on_the_command_line():
     assert recipe.meta_steps == 5 and out == "o"
 
 
+def test_a_chain_other_than_the_shipped_one_needs_its_own_out(capsys):
+    """--recipe direct / binding would overwrite the shipped model in the default --out: refused by
+    name; with --out they parse as chains (work dir OUT/stages)."""
+    for name in ("direct", "binding"):
+        with pytest.raises(SystemExit):
+            demo_train._parse(["--recipe", name])
+        assert f"--recipe {name} is not the shipped chain" in capsys.readouterr().err
+        parsed = demo_train._parse(["--recipe", name, "--out", "o"])
+        assert isinstance(parsed, demo_train.ChainArgs) and parsed.name == name and parsed.out == "o"
+    stages = CHAINS["direct"]
+    assert sum(st.recipe.meta_steps for st in stages) == 5000
+    assert all(st.recipe.perk["shuffle_docs"] is False for st in stages)
+    assert stages[0].recipe.warmup_meta_steps == 300 and stages[1].recipe.meta_lr == pytest.approx(stages[0].recipe.meta_lr * 0.3)
+
+
 def test_reset_meta_puts_the_named_groups_back_and_only_them(tmp_path):
     """--reset-meta on a continuation: the weighting model's output layer is zero again (every token
     weight ln(2)/3) and / or every learned inner learning rate is inner_lr again; the other
