@@ -1088,9 +1088,11 @@ _BINDING = DemoRecipe(
     dev_every=250, ranks=2,
 )
 _RESULTS = os.path.dirname(SHIPPED_EVAL_DIR)  # bench/results of the repository
+# a chain's first stage from a fresh base: single needles for 300 steps, then its mix, at 1/0.3 x the
+# continuations' learning rates
+_FIRST_STAGE = dict(warmup_mix=("needle:0",), warmup_meta_steps=300, meta_lr=1e-3, lr_lr=5e-5, base_lr=3e-4)
 _BINDING_STAGES = (
-    ChainStage("curriculum", dataclasses.replace(_BINDING, warmup_mix=("needle:0",), warmup_meta_steps=300,
-                                                 meta_lr=1e-3, lr_lr=5e-5, base_lr=3e-4, dev_every=200),
+    ChainStage("curriculum", dataclasses.replace(_BINDING, dev_every=200, **_FIRST_STAGE),
                os.path.join(_RESULTS, "demo_curriculum", "assets")),
     ChainStage("to-2500", dataclasses.replace(_BINDING, meta_steps=1500, icr_long_steps=3000),
                os.path.join(_RESULTS, "demo_curriculum2", "assets")),
@@ -1137,10 +1139,9 @@ CHAINS = {
     # (bench/results/demo_direct2{a,}; ~99 min of training on 2 cores). Not the shipped model: the README
     # compares them ("The issue's 2 hours in one run")
     "direct": (
-        ChainStage("direct-1000", dataclasses.replace(
-            _MIX_ORDERED, warmup_mix=("needle:0",), warmup_meta_steps=300, meta_steps=1000, meta_lr=1e-3,
-            lr_lr=5e-5, base_lr=3e-4, icr_long_steps=2000, dev_every=500),
-            os.path.join(_RESULTS, "demo_direct2a", "assets")),
+        ChainStage("direct-1000", dataclasses.replace(_MIX_ORDERED, meta_steps=1000, icr_long_steps=2000,
+                                                      dev_every=500, **_FIRST_STAGE),
+                   os.path.join(_RESULTS, "demo_direct2a", "assets")),
         ChainStage("direct-to-5000", dataclasses.replace(_MIX_ORDERED, meta_steps=4000, icr_long_steps=8000,
                                                          dev_every=1000),
                    os.path.join(_RESULTS, "demo_direct2", "assets")),

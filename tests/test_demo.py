@@ -480,7 +480,7 @@ def test_a_chain_cannot_be_changed_on_the_command_line():
 
 def test_a_chain_other_than_the_shipped_one_needs_its_own_out(capsys):
     """--recipe direct / binding would overwrite the shipped model in the default --out: refused by
-    name; with --out they parse as chains (work dir OUT/stages)."""
+    name; with --out they parse as chains."""
     for name in ("direct", "binding"):
         with pytest.raises(SystemExit):
             demo_train._parse(["--recipe", name])
