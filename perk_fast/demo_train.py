@@ -766,6 +766,22 @@ def eval_systems(perk_model, ttt_model, icr_model, tokenizer, recipe: DemoRecipe
 
 
 # ----------------------------------------------------------------------------- main
+def machine_info() -> dict:
+    """What a run's report records of the machine: Python, torch, the CPU (its model name where
+    /proc/cpuinfo has one, and the vector ISA torch's kernels use), the core count. Two runs of one
+    seeded recipe on different CPUs can round float sums differently, and a long second-order run
+    then drifts apart (README, "Reproducing a stage")."""
+    model = None
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            model = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), None)
+    except OSError:
+        pass
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(), "cpu_model": model,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_count": os.cpu_count()}
+
+
 def train(recipe: DemoRecipe, out_dir: str, log=_print, eval_dir: str | None = None,
           checkpoint_dir: str | None = None, resume: bool = False) -> dict:
     """Run the three stages, evaluate on held-out seeds, write the models and report to ``out_dir``
@@ -904,8 +920,7 @@ def train(recipe: DemoRecipe, out_dir: str, log=_print, eval_dir: str | None = N
         "threads": recipe.threads,
         # a resumed PERK stage: perk_s counts this process only (the log holds the earlier part)
         "perk_resumed_from_step": resumed_from,
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor()
-                    or platform.machine(), "cpu_count": os.cpu_count()},
+        "machine": machine_info(),
         "lm_final_loss": (sum(r["loss"] for r in lm_history[-20:]) / 20 if lm_history
                           else earlier["lm_final_loss"]),
         # a continuation (recipe.init_from): the steps of the earlier runs, and their reports' summaries
@@ -1145,6 +1160,16 @@ CHAINS = {
         ChainStage("direct-to-5000", dataclasses.replace(_MIX_ORDERED, meta_steps=4000, icr_long_steps=8000,
                                                          dev_every=1000),
                    os.path.join(_RESULTS, "demo_direct2", "assets")),
+    ),
+    # the same 2-hour budget spent the chain's way: the binding chain's first stage (1,000 needles-only
+    # meta-steps), then 4,000 of the ordered mix at 0.3x with the token-weighting writer reset (trained on
+    # needles, it would weight qa1 answers 0); bench/results/demo_bind2{a,}. Not the shipped model
+    "needles-first": (
+        ChainStage("curriculum", _BINDING_STAGES[0].recipe, os.path.join(_RESULTS, "demo_bind2a", "assets")),
+        ChainStage("mix-to-5000", dataclasses.replace(_MIX_ORDERED, meta_steps=4000, icr_long_steps=8000,
+                                                      dev_every=1000, reset_meta=("weighting",),
+                                                      init_from=os.path.join(_RESULTS, "demo_bind2a", "assets")),
+                   os.path.join(_RESULTS, "demo_bind2", "assets")),
     ),
 }
 SHIPPED_CHAIN = "mix"

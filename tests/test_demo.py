@@ -481,7 +481,7 @@ def test_a_chain_cannot_be_changed_on_the_command_line():
 def test_a_chain_other_than_the_shipped_one_needs_its_own_out(capsys):
     """--recipe direct / binding would overwrite the shipped model in the default --out: refused by
     name; with --out they parse as chains."""
-    for name in ("direct", "binding"):
+    for name in ("direct", "binding", "needles-first"):
         with pytest.raises(SystemExit):
             demo_train._parse(["--recipe", name])
         assert f"--recipe {name} is not the shipped chain" in capsys.readouterr().err
@@ -491,6 +491,11 @@ def test_a_chain_other_than_the_shipped_one_needs_its_own_out(capsys):
     assert sum(st.recipe.meta_steps for st in stages) == 5000
     assert all(st.recipe.perk["shuffle_docs"] is False for st in stages)
     assert stages[0].recipe.warmup_meta_steps == 300 and stages[1].recipe.meta_lr == pytest.approx(stages[0].recipe.meta_lr * 0.3)
+    # the same budget the chain's way: its binding first stage, then the mix with the weighting writer reset
+    first, mix = CHAINS["needles-first"]
+    assert first.recipe == CHAINS["binding"][0].recipe and first.recipe.eval_tasks == ("needle:0", "needle:3")
+    assert first.recipe.meta_steps + mix.recipe.meta_steps == 5000 and mix.recipe.reset_meta == ("weighting",)
+    assert mix.recipe == dataclasses.replace(stages[1].recipe, reset_meta=("weighting",), init_from=mix.recipe.init_from)
 
 
 def test_reset_meta_puts_the_named_groups_back_and_only_them(tmp_path):
