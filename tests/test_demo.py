@@ -241,6 +241,9 @@ def test_training_pipeline_end_to_end_at_toy_size(tmp_path):
     report = train_main(args)
     assert report["eval"]["n"] == 1 and set(report["eval"]["results"]) == {"PERK", "TTT (no meta)", "FT-ICR",
                                                                            "FT-ICR 2x"}
+    # the machine it ran on, down to the vector ISA of torch's kernels (runs on other CPUs round differently)
+    assert report["machine"]["torch"] == torch.__version__ and report["machine"]["cpu_count"] == os.cpu_count()
+    assert report["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     result = demo.main(1, assets_dir=out, threads=torch.get_num_threads())
     assert set(result["results"]) == {"PERK", "TTT (no meta)", "FT-ICR", "FT-ICR 2x"}
     args0 = ["--recipe", "needle", "--out", str(tmp_path / "toy0"), "--lm-contexts", "16", "--lm-batch", "4", "--lm-steps", "2", "--meta-steps", "2", "--meta-batch", "2",
