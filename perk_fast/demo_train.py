@@ -5,6 +5,7 @@
     python -m perk_fast.demo_train --adopt recorded # the shipped files from the chain's recorded runs
     python -m perk_fast.demo_train --recipe binding --out /tmp/b  # the earlier, needles-only chain
     python -m perk_fast.demo_train --recipe direct --out /tmp/d   # the 2-hour chain from a fresh base
+    python -m perk_fast.demo_train --recipe needles-first --out /tmp/n  # the same 2 hours, needles first
     python -m perk_fast.demo_train --recipe needle --out /tmp/x  # one run of a recipe (needle, multi)
     python -m perk_fast.demo_train --recipe needle --meta-steps 300 --eval-n 16 --out /tmp/x   # a quick look
 
@@ -974,7 +975,8 @@ def _parse(argv=None) -> "tuple[DemoRecipe, str, str | None, str | None, bool] |
                     help=f"{SHIPPED_CHAIN} (default): the shipped model, a chain of {len(CHAINS[SHIPPED_CHAIN])} runs "
                          "(needles, qa1 / qa2, records recall); binding: the earlier needles-only chain; needle: the "
                          "single-needle model; multi: the multi-task experiment (bench/results/demo_multi); direct: the 2-hour "
-                         "chain from a fresh base (needs --out)")
+                         "chain from a fresh base; needles-first: the same 2 hours with 1,000 needles-only steps "
+                         "first (both need --out)")
     ap.add_argument("--work-dir", default=None,
                     help="a chain's stages but the last (default bench/results/demo_chain/NAME for the shipped "
                          "assets, OUT/stages otherwise); finished stages there are not trained again")
@@ -1122,6 +1124,8 @@ _MIX = dataclasses.replace(
     eval_tasks=("needle:0", "needle:3", "qa1", "qa2", "records_recall"), meta_steps=2000, icr_long_steps=4000,
     dev_every=500, eval_doc_tokens=192, max_new_tokens=32)
 _MIX_ORDERED = dataclasses.replace(_MIX, perk=dict(MULTI_PERK, shuffle_docs=False))
+# the second stage of both 2-hour chains: 4,000 steps of the ordered mix at the continuations' rates
+_MIX_TO_5000 = dataclasses.replace(_MIX_ORDERED, meta_steps=4000, icr_long_steps=8000, dev_every=1000)
 CHAINS = {
     "binding": _BINDING_STAGES,
     # the binding chain, then 1,000 steps with qa1 and records added (its token-weighting writer, trained on
@@ -1157,18 +1161,15 @@ CHAINS = {
         ChainStage("direct-1000", dataclasses.replace(_MIX_ORDERED, meta_steps=1000, icr_long_steps=2000,
                                                       dev_every=500, **_FIRST_STAGE),
                    os.path.join(_RESULTS, "demo_direct2a", "assets")),
-        ChainStage("direct-to-5000", dataclasses.replace(_MIX_ORDERED, meta_steps=4000, icr_long_steps=8000,
-                                                         dev_every=1000),
-                   os.path.join(_RESULTS, "demo_direct2", "assets")),
+        ChainStage("direct-to-5000", _MIX_TO_5000, os.path.join(_RESULTS, "demo_direct2", "assets")),
     ),
     # the same 2-hour budget spent the chain's way: the binding chain's first stage (1,000 needles-only
     # meta-steps), then 4,000 of the ordered mix at 0.3x with the token-weighting writer reset (trained on
     # needles, it would weight qa1 answers 0); bench/results/demo_bind2{a,}. Not the shipped model
     "needles-first": (
         ChainStage("curriculum", _BINDING_STAGES[0].recipe, os.path.join(_RESULTS, "demo_bind2a", "assets")),
-        ChainStage("mix-to-5000", dataclasses.replace(_MIX_ORDERED, meta_steps=4000, icr_long_steps=8000,
-                                                      dev_every=1000, reset_meta=("weighting",),
-                                                      init_from=os.path.join(_RESULTS, "demo_bind2a", "assets")),
+        ChainStage("mix-to-5000", dataclasses.replace(_MIX_TO_5000, reset_meta=("weighting",), init_from=os.path.join(
+            _RESULTS, "demo_bind2a", "assets")),
                    os.path.join(_RESULTS, "demo_bind2", "assets")),
     ),
 }

@@ -482,8 +482,8 @@ def test_a_chain_cannot_be_changed_on_the_command_line():
 
 
 def test_a_chain_other_than_the_shipped_one_needs_its_own_out(capsys):
-    """--recipe direct / binding would overwrite the shipped model in the default --out: refused by
-    name; with --out they parse as chains."""
+    """--recipe direct / binding / needles-first would overwrite the shipped model in the default --out:
+    refused by name; with --out they parse as chains."""
     for name in ("direct", "binding", "needles-first"):
         with pytest.raises(SystemExit):
             demo_train._parse(["--recipe", name])
