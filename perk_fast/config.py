@@ -75,7 +75,13 @@ class PerkConfig:
     Outer loop (``meta_train``): AdamW at ``outer_lr`` with ``outer_weight_decay``
     (``outer_decay_exempt``: not on biases, norm weights and the learned learning rates),
     linear warmup over ``warmup_proportion`` of the steps then cosine decay,
-    gradient clipping at ``max_grad_norm``.
+    gradient clipping at ``max_grad_norm``. ``grad_spike_factor`` (default None: off) turns on the
+    gradient-spike guard: a step whose meta-gradient norm before clipping exceeds that factor times
+    the median of the last ``grad_spike_window`` applied steps' norms (or is not finite) is skipped
+    -- no optimiser update, the batch and the schedule still advance, the history entry says
+    ``skipped`` -- and ``grad_spike_max_skips`` skips in a row end the run with an error. Clipping
+    alone does not protect against such a step: AdamW's normalised update moves every weight by about
+    the learning rate whatever the norm, in the spike's direction.
     """
 
     # inner loop
@@ -113,6 +119,9 @@ class PerkConfig:
     outer_weight_decay: float = 0.01
     warmup_proportion: float = 0.03
     max_grad_norm: float = 1.0
+    grad_spike_factor: float | None = None
+    grad_spike_window: int = 50
+    grad_spike_max_skips: int = 10
     outer_decay_exempt: bool = True
     seed: int = 42
 
@@ -186,6 +195,11 @@ class PerkConfig:
         real("outer_weight_decay", 0.0)
         real("warmup_proportion", 0.0, 1.0)
         real("max_grad_norm", 0.0, lo_open=True)
+        f = self.grad_spike_factor
+        if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or f <= 1):
+            _fail("grad_spike_factor", f, "None (the guard off) or a finite number > 1")
+        pos_int("grad_spike_window")
+        pos_int("grad_spike_max_skips")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             _fail("seed", self.seed, "an integer")
 

@@ -577,6 +577,7 @@ def meta_train_joint(perk_model: PerkModel, dataset: list, recipe: DemoRecipe, *
         groups.append({"params": "base", "lr": recipe.base_lr, "weight_decay": cfg.outer_weight_decay})
     start = time.perf_counter()
     recent: list[float] = []
+    skipped = [0]  # steps the gradient-spike guard skipped so far (perk.grad_spike_factor)
 
     def dev_eval(model: PerkModel, step: int) -> dict:
         if dev is None or (step % recipe.dev_every and step != recipe.meta_steps):
@@ -593,7 +594,12 @@ def meta_train_joint(perk_model: PerkModel, dataset: list, recipe: DemoRecipe, *
                    f"  {time.perf_counter() - start:.0f}s")
             if dev_em is not None:
                 msg += f"  dev EM {100 * dev_em:.1f}%"
+            if "skipped" in record:  # the gradient-spike guard is on
+                skipped[0] += record["skipped"]
+                msg += f"  {skipped[0]} skipped"
             log(msg)
+        elif record.get("skipped"):
+            skipped[0] += 1
 
     history = meta_train(perk_model, dataset, steps=recipe.meta_steps, batch_size=recipe.meta_batch,
                          param_groups=groups, shuffle=False, eval_fn=dev_eval, eval_every=recipe.dev_every,
@@ -931,6 +937,9 @@ def train(recipe: DemoRecipe, out_dir: str, log=_print, eval_dir: str | None = N
             "perk_history": earlier["perk_history"], "eval": earlier.get("eval"),
             "earlier_run": earlier.get("earlier_run")},
         "perk_history": meta_history[:: max(1, len(meta_history) // 100)] + meta_history[-1:],
+        # the steps the gradient-spike guard skipped (perk.grad_spike_factor; the sampled history may miss them)
+        **({"perk_skipped_steps": [r["step"] for r in meta_history if r.get("skipped")]}
+           if recipe.perk.get("grad_spike_factor") is not None else {}),
         "icr_final_loss": sum(r["loss"] for r in icr_history[-20:]) / 20,
         "icr_long_final_loss": (sum(r["loss"] for r in icr_long_history[-20:]) / 20) if icr_long_history else None,
         "eval": None if final is None else {k: final[k] for k in ("task", "seed", "n", "lengths", "positions",

@@ -16,19 +16,20 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from . import distributed
-from .config import check_int
+from .config import PerkConfig, check_int
 from .data import example_field
 from .io import check_fingerprint, load_tensors, read_header, replace_dir, save_tensors
 from .model import PerkModel
 from .schedule import warmup_cosine, warmup_steps
 from .seeds import call_seed, epoch_order
 
-__all__ = ["meta_train", "GROUP_SELECTORS"]
+__all__ = ["meta_train", "GROUP_SELECTORS", "SpikeGuard"]
 
 # names meta_train accepts for the "params" of a parameter group
 GROUP_SELECTORS = ("meta", "lora", "inner_lrs", "weighting", "base")
@@ -151,7 +152,8 @@ def _save_checkpoint(path: str, perk_model: PerkModel, optimizer, step: int, his
 
 def _load_checkpoint(path: str, perk_model: PerkModel, optimizer) -> tuple[int, list]:
     header = read_header(path, "perk_model.json", "perk_fast.PerkModel")
-    if header["config"] != perk_model.config.to_dict():
+    # compared as configs, not dicts: a checkpoint written before a field existed holds its default
+    if PerkConfig.from_dict(header["config"]) != perk_model.config:
         raise ValueError(f"checkpoint {path} was written with a different PerkConfig: {header['config']}")
     params = dict(perk_model.named_parameters())
     base_file = os.path.join(path, "trained_base.safetensors")
@@ -181,6 +183,52 @@ def _load_checkpoint(path: str, perk_model: PerkModel, optimizer) -> tuple[int, 
             "exp_avg_sq": tensors[f"{name}::exp_avg_sq"].to(p.device, p.dtype),
         }
     return int(meta["step"]), list(meta["history"])
+
+
+class SpikeGuard:
+    """The gradient-spike guard of ``config.grad_spike_factor`` (see :class:`~perk_fast.PerkConfig`).
+
+    A step is a spike when its pre-clip meta-gradient norm is not finite, or exceeds ``factor``
+    times the median norm of the last ``window`` applied steps (judged once ``window`` steps have
+    been applied). Its state is read back from a run's history, so a resumed run decides exactly
+    as an uninterrupted one; every rank sees the same summed gradient and so decides the same.
+    """
+
+    def __init__(self, factor: float, window: int, max_skips: int, history: Sequence[Mapping[str, Any]] = ()):
+        self.factor, self.window, self.max_skips = float(factor), int(window), int(max_skips)
+        applied = [h["grad_norm"] for h in history if not h.get("skipped")]
+        self.norms = applied[-self.window:]
+        self.in_a_row = 0
+        for h in reversed(history):
+            if not h.get("skipped"):
+                break
+            self.in_a_row += 1
+        self.total = sum(1 for h in history if h.get("skipped"))
+
+    def limit(self) -> float | None:
+        """The norm above which the next step is skipped (None: fewer than ``window`` steps applied yet)."""
+        if len(self.norms) < self.window:
+            return None
+        return self.factor * statistics.median(self.norms)
+
+    def judge(self, step: int, grad_norm: float) -> bool:
+        """Whether step ``step`` (1-based) with this pre-clip norm is skipped; records the decision.
+        RuntimeError when it would be the ``max_skips``-th skip in a row."""
+        limit = self.limit()
+        skip = not math.isfinite(grad_norm) or (limit is not None and grad_norm > limit)
+        if not skip:
+            self.norms = (self.norms + [grad_norm])[-self.window:]
+            self.in_a_row = 0
+            return False
+        self.in_a_row += 1
+        self.total += 1
+        if self.in_a_row >= self.max_skips:
+            raise RuntimeError(
+                f"meta_train step {step}: {self.in_a_row} steps in a row skipped by the gradient-spike guard "
+                f"(this one's norm before clipping {grad_norm:.4g}, limit {limit if limit is None else f'{limit:.4g}'} = "
+                f"grad_spike_factor {self.factor:g} x the median of the last {self.window} applied steps); the run "
+                "is diverging: lower the learning rates, or raise PerkConfig.grad_spike_factor / grad_spike_max_skips")
+        return True
 
 
 _announced: set[int] = set()
@@ -290,8 +338,11 @@ def meta_train(
 
     History entries: ``step``, ``loss`` (outer, the batch mean), ``inner_loss_first``/
     ``inner_loss_last`` (inner loss at the first and last inner step, summed over the batch's
-    contexts), ``lr`` (of the first group), ``grad_norm``, ``contexts``, and ``eval`` when
-    evaluated.
+    contexts), ``lr`` (of the first group), ``grad_norm`` (before clipping), ``contexts``, and
+    ``eval`` when evaluated. With the gradient-spike guard on (``config.grad_spike_factor``) also
+    ``skipped`` (no optimiser update at that step) and ``spike_limit`` (the norm it was judged
+    against; None while the guard's window fills). A non-finite loss raises FloatingPointError;
+    so does a non-finite gradient norm unless the guard is on, which skips it.
     """
     if not isinstance(perk_model, PerkModel):
         raise TypeError(f"meta_train expects a PerkModel, got {type(perk_model).__name__}")
@@ -320,6 +371,7 @@ def meta_train(
                                   weight_decay=config.outer_weight_decay)
     warmup = warmup_steps(total, config.warmup_proportion)
     start, history = 0, []
+    guard = None
     last = os.path.join(checkpoint_dir, "last") if checkpoint_dir else None
     if resume:
         if not os.path.exists(os.path.join(last, "trainer_state.json")):
@@ -327,6 +379,8 @@ def meta_train(
         start, history = _load_checkpoint(last, perk_model, optimizer)
         if history and history[-1].get("stopped_early"):
             return history  # the run ended by early stopping: nothing left to do
+    if config.grad_spike_factor is not None:
+        guard = SpikeGuard(config.grad_spike_factor, config.grad_spike_window, config.grad_spike_max_skips, history)
 
     bar = None
     if progress and ctx.is_main:
@@ -370,9 +424,19 @@ def meta_train(
                 "grad_norm": float(grad_norm),
                 "contexts": len(batch),
             }
-            if not math.isfinite(record["loss"]) or not math.isfinite(record["grad_norm"]):
+            if not math.isfinite(record["loss"]) or (guard is None and not math.isfinite(record["grad_norm"])):
                 raise FloatingPointError(f"meta_train step {step + 1}: non-finite loss or gradient {record}")
-            optimizer.step()
+            if guard is not None:
+                limit = guard.limit()
+                try:
+                    record["skipped"] = guard.judge(step + 1, record["grad_norm"])
+                except RuntimeError:
+                    record["skipped"] = True
+                    history.append(record)  # kept in the checkpoint written on the way out
+                    raise
+                record["spike_limit"] = limit
+            if not record.get("skipped"):
+                optimizer.step()
             history.append(record)
             if eval_fn is not None and ((eval_every and (step + 1) % eval_every == 0) or step + 1 == total):
                 def run_eval(step=step):
@@ -390,8 +454,11 @@ def meta_train(
                     on_step(record)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix({"outer": f"{record['loss']:.4f}",
-                                     "inner": f"{record['inner_loss_first']:.3f}->{record['inner_loss_last']:.3f}"})
+                    postfix = {"outer": f"{record['loss']:.4f}",
+                               "inner": f"{record['inner_loss_first']:.3f}->{record['inner_loss_last']:.3f}"}
+                    if guard is not None:
+                        postfix["skipped"] = guard.total
+                    bar.set_postfix(postfix)
             if last and checkpoint_every and (step + 1) % checkpoint_every == 0:
                 _on_main(ctx, lambda: _save_checkpoint(last, perk_model, optimizer, step + 1, history))
             if record.get("stopped_early"):

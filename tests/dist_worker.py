@@ -53,14 +53,19 @@ SCENARIOS = {
     "base-checkpointed": dict(meta_grad="checkpointed", batch_size=3, base=True),
     "base-recomputed": dict(meta_grad="recomputed", batch_size=3, base=True),
     "accumulate": dict(meta_grad="checkpointed", batch_size=2, accumulate=2),
+    # the gradient-spike guard: step 2's loss (so its meta-gradient) scaled by SPIKE on every rank; the
+    # guard, judging the summed gradient, skips it on both ranks as on 1 process
+    "spike-guard": dict(meta_grad="checkpointed", batch_size=3, spike_at=2,
+                        config=dict(grad_spike_factor=10.0, grad_spike_window=1)),
 }
+SPIKE = 1e6
 
 
 def run_scenario(name: str, out_dir: str | None = None, *, resume: bool = False, fail_at: int | None = None,
                  fail_rank: int | None = None) -> dict:
     """Run scenario ``name``; returns the final trainable parameters, the history and what was written."""
     spec = SCENARIOS[name]
-    pm = build(spec["meta_grad"])
+    pm = build(spec["meta_grad"], **spec.get("config", {}))
     groups = [{"params": "meta"}] + ([{"params": "base", "lr": 1e-3}] if spec.get("base") else [])
     calls = {"save": 0, "eval": 0}
     original = train_module._save_checkpoint
@@ -81,7 +86,10 @@ def run_scenario(name: str, out_dir: str | None = None, *, resume: bool = False,
     def failing_meta_loss(*args, **kwargs):
         if fail_at is not None and fail_rank == rank and kwargs["seed"] == call_seed(pm.config.seed, fail_at - 1):
             raise RuntimeError(f"planned failure on rank {rank} at step {fail_at}")
-        return original_meta_loss(*args, **kwargs)
+        loss = original_meta_loss(*args, **kwargs)
+        if spec.get("spike_at") and kwargs["seed"] == call_seed(pm.config.seed, spec["spike_at"] - 1):
+            loss = loss * SPIKE
+        return loss
 
     pm.meta_loss = failing_meta_loss
     named = dict(pm.named_parameters())

@@ -114,7 +114,7 @@ def _only_run(out):
 
 def test_train_end_to_end_with_the_reference_configs(env, tmp_path):
     out = str(tmp_path / "out")
-    code, _, err = _cli("train", *_args(env, out, "bf16=true"))
+    code, _, err = _cli("train", *_args(env, out, "bf16=true", "+perk.grad_spike_factor=10"))
     assert code == 0, err[-3000:]
     run = _only_run(out)
     assert os.path.basename(run).startswith("qwen-TGU-babilong-qa1-1k-lora-256-4-step_")
@@ -129,6 +129,8 @@ def test_train_end_to_end_with_the_reference_configs(env, tmp_path):
     # 4 examples x 2 epochs at batch 1: 8 steps, validation every half epoch (2 steps)
     metrics = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     assert [m["step"] for m in metrics if m["kind"] == "train"] == list(range(1, 9))
+    # +perk.grad_spike_factor turned the gradient-spike guard on: every step says whether it was skipped
+    assert all(m["skipped"] is False for m in metrics if m["kind"] == "train")
     assert [m["step"] for m in metrics if m["kind"] == "eval"] == [2, 4, 6, 8]
     rows = [json.loads(line) for line in open(os.path.join(run, "outputs", "outputs_2.jsonl"))]
     assert [r["guid"] for r in rows] == ["qa1_1k_0", "qa1_1k_1", "qa1_1k_2"]
@@ -251,6 +253,7 @@ def test_encode_writes_memories_and_answers(env, tmp_path):
     (["model_name_or_path=/nonexistent/model"], "model_name_or_path='/nonexistent/model'"),
     (["resume_from_checkpoint=true"], "resume_from_checkpoint=true needs checkpoint"),
     (["not_a_key=1"], "Could not override 'not_a_key'"),
+    (["+perk.grad_spike_factor=0.5"], "PerkConfig.grad_spike_factor=0.5 is invalid"),
 ])
 def test_bad_inputs_are_errors_that_name_the_key(env, tmp_path, capsys, extra, message):
     code = runs_main(["train", *_args(env, str(tmp_path / "out"), *extra)])

@@ -247,9 +247,13 @@ def test_training_pipeline_end_to_end_at_toy_size(tmp_path):
     result = demo.main(1, assets_dir=out, threads=torch.get_num_threads())
     assert set(result["results"]) == {"PERK", "TTT (no meta)", "FT-ICR", "FT-ICR 2x"}
     args0 = ["--recipe", "needle", "--out", str(tmp_path / "toy0"), "--lm-contexts", "16", "--lm-batch", "4", "--lm-steps", "2", "--meta-steps", "2", "--meta-batch", "2",
-             "--icr-long-steps", "0", "--dev-n", "2", "--dev-every", "1", "--eval-n", "0"]
+             "--icr-long-steps", "0", "--dev-n", "2", "--dev-every", "1", "--eval-n", "0",
+             "--perk", '{"grad_spike_factor": 10, "grad_spike_window": 1}']
     report0 = train_main(args0)
     assert report0["eval"] is None and os.path.exists(tmp_path / "toy0" / "train_report.json")
+    # with the gradient-spike guard on, the report lists the steps it skipped (none here)
+    assert report0["perk_skipped_steps"] == [] and "perk_skipped_steps" not in report
+    assert [("skipped" in h) for h in report0["perk_history"]] == [True] * len(report0["perk_history"])
     assert demo.load_demo(str(tmp_path / "toy0")).icr_long is None
 
 

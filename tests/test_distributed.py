@@ -5,8 +5,8 @@ single-process references run in the test process. Checked: N ranks x B/N contex
 every meta_grad mode with doc shuffling and LoRA dropout on (B = 4, B = 3 uneven, B = 1 with an
 idle rank); identical parameters on every rank; only rank 0 writes checkpoints and evaluates; an
 exception on one rank ends both promptly and the checkpoint rank 0 wrote resumes on 1 process
-exactly; a 1-process checkpoint resumes on 2 ranks exactly; trainable base weights and gradient
-accumulation.
+exactly; a 1-process checkpoint resumes on 2 ranks exactly; trainable base weights, gradient
+accumulation, and the gradient-spike guard skipping the same step on every rank.
 """
 from __future__ import annotations
 
@@ -106,6 +106,15 @@ def test_two_ranks_equal_one_process(runs, name):
         assert a["loss"] == pytest.approx(b["loss"], rel=REL_TOL)
         assert a["inner_loss_first"] == pytest.approx(b["inner_loss_first"], rel=REL_TOL)
         assert a["eval"] == b["eval"] == r1["history"][a["step"] - 1]["eval"]
+
+
+def test_spike_guard_skips_the_same_step_on_every_rank(runs):
+    single = runs["single"]["spike-guard"]["history"]
+    assert [h["skipped"] for h in single] == [False, True, False]
+    for r in range(2):
+        got = runs["ranks"][r]["spike-guard"]["history"]
+        assert [h["skipped"] for h in got] == [False, True, False], r
+        assert got[1]["grad_norm"] > 10 * got[0]["grad_norm"] == got[1]["spike_limit"]
 
 
 def test_accumulation_equals_a_larger_batch(runs):
