@@ -577,7 +577,7 @@ def meta_train_joint(perk_model: PerkModel, dataset: list, recipe: DemoRecipe, *
         groups.append({"params": "base", "lr": recipe.base_lr, "weight_decay": cfg.outer_weight_decay})
     start = time.perf_counter()
     recent: list[float] = []
-    skipped = [0]  # steps the gradient-spike guard skipped so far (perk.grad_spike_factor)
+    skipped = [0]  # steps the gradient-spike guard skipped in this process (perk.grad_spike_factor)
 
     def dev_eval(model: PerkModel, step: int) -> dict:
         if dev is None or (step % recipe.dev_every and step != recipe.meta_steps):
@@ -588,18 +588,19 @@ def meta_train_joint(perk_model: PerkModel, dataset: list, recipe: DemoRecipe, *
     def report(record: dict) -> None:
         recent.append(record["loss"])
         del recent[:-50]
+        if record.get("skipped"):  # the gradient-spike guard (perk.grad_spike_factor) skipped this step
+            skipped[0] += 1
+            log(f"  meta step {record['step']} skipped: gradient norm {record['grad_norm']:.4g} over the guard's "
+                f"limit {record['spike_limit'] if record['spike_limit'] is None else format(record['spike_limit'], '.4g')}")
         dev_em = record.get("eval", {}).get("dev_exact_match")
         if record["step"] % 50 == 0 or dev_em is not None:
             msg = (f"  meta step {record['step']}/{recipe.meta_steps}  loss {sum(recent) / len(recent):.4f}"
                    f"  {time.perf_counter() - start:.0f}s")
             if dev_em is not None:
                 msg += f"  dev EM {100 * dev_em:.1f}%"
-            if "skipped" in record:  # the gradient-spike guard is on
-                skipped[0] += record["skipped"]
+            if "skipped" in record:
                 msg += f"  {skipped[0]} skipped"
             log(msg)
-        elif record.get("skipped"):
-            skipped[0] += 1
 
     history = meta_train(perk_model, dataset, steps=recipe.meta_steps, batch_size=recipe.meta_batch,
                          param_groups=groups, shuffle=False, eval_fn=dev_eval, eval_every=recipe.dev_every,

@@ -557,3 +557,32 @@ def test_reset_meta_puts_the_named_groups_back_and_only_them(tmp_path):
     assert demo_train._same_recipe(old, dataclasses.replace(demo_train.recipe_from_dict(report["recipe"]),
                                                             reset_meta=()))
     assert not demo_train._same_recipe(old, demo_train.recipe_from_dict(report["recipe"]))
+
+
+def test_the_log_names_each_step_the_spike_guard_skipped():
+    """A recipe with perk.grad_spike_factor: meta_train_joint logs each skipped step with its norm and the
+    guard's limit (the sampled perk_history of a report may miss it)."""
+    from perk_fast.demo_train import RECIPES
+    from perk_fast.model import PerkModel
+    from perk_fast.seeds import call_seed
+    from perk_fast.tokenizer import ByteTokenizer
+
+    recipe = dataclasses.replace(RECIPES["needle"], hidden_size=32, intermediate_size=64, meta_steps=3, meta_batch=2,
+                                 ranks=1, threads=1, perk=dict(RECIPES["needle"].perk, grad_spike_factor=10.0,
+                                                               grad_spike_window=1))
+    tok = ByteTokenizer()
+    pm = PerkModel(demo_train.build_base(recipe, tok), tok, recipe.perk_config())
+    original = pm.meta_loss
+    spike_seed = call_seed(pm.config.seed, 1)  # step 2
+
+    def meta_loss(*args, **kwargs):
+        loss = original(*args, **kwargs)
+        return loss * 1e6 if kwargs["seed"] == spike_seed else loss
+
+    pm.meta_loss = meta_loss
+    lines = []
+    history = demo_train.meta_train_joint(pm, demo_train.training_examples(recipe), recipe, log=lines.append)
+    assert [h["skipped"] for h in history] == [False, True, False]
+    (line,) = [m for m in lines if "skipped:" in m]
+    assert line == (f"  meta step 2 skipped: gradient norm {history[1]['grad_norm']:.4g} over the guard's limit "
+                    f"{history[1]['spike_limit']:.4g}")
