@@ -2,6 +2,7 @@
 
     python bench/demo_answers.py bench/results/demo_curriculum3/eval [--spec needle-3 --distractors 3]
     python bench/demo_answers.py bench/results/demo_eval --spec qa1 [--systems PERK,FT-ICR]
+    python bench/demo_answers.py bench/results/demo_eval --spec qa1 --by-placement --systems PERK,FT-ICR
 
 Needles: right, another person's code from the same context, or neither, per evaluation length.
 Records recall (``--spec records_recall``): per asked field, right, that field's value in another
@@ -12,7 +13,9 @@ place not in the story; or no place at all -- and, on the same examples, the exa
 rules that read no binding: "the last place the story names" and "a place the person went to, the
 first one" (and the expected exact match of a uniformly drawn place of that person). A memory
 whose answers are mostly the person's earlier places holds the person's moves but not their order;
-one whose answers are the other person's places has lost who went where.
+one whose answers are the other person's places has lost who went where. ``--by-placement``: the
+exact match split by where the followed person's last two moves lie among the segments the memory
+is written from (the same segment, two pieces of one document, two documents, or one move only).
 """
 from __future__ import annotations
 
@@ -175,6 +178,59 @@ def story_breakdown(eval_dir: str, spec: str = "qa1", systems=("PERK",), doc_tok
     return out
 
 
+PLACEMENTS = ("one_move", "same_segment", "two_pieces_of_one_document", "two_documents")
+
+
+def last_two_moves_placement(example, segment_len: int = 128) -> str:
+    """Where the followed person's last two moves lie among the segments PERK's inner loop writes
+    (``build_segments`` with ordered ids, as in every evaluation): ``one_move`` (the person moved
+    once), in the ``same_segment``, in two pieces of one document longer than a segment (they share
+    its doc id: only the EOS ending the last piece tells them apart), or in ``two_documents`` (told
+    apart by their ids). Move sentences are matched in time order across the segments."""
+    from perk_fast.data import build_segments
+    from perk_fast.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()
+    person = followed_person(example)
+    where = []  # (segment index, doc id) of each of the person's moves, in order
+    segments = build_segments(tok, example.context, segment_len).segments
+    for k, (ids, _) in enumerate(segments):
+        text = tok.decode(ids)
+        doc = re.match(r"\s*doc_(\d+):", text)
+        where += [(k, doc.group(1)) for p, _ in _MOVE_RE.findall(text) if p == person]
+    own = [x for p, x in story_moves(example) if p == person]
+    if len(where) != len(own):
+        raise ValueError(f"{example.question!r}: {len(own)} moves of {person} in the context, {len(where)} in its "
+                         f"segments")
+    if len(where) == 1:
+        return "one_move"
+    (seg_a, doc_a), (seg_b, doc_b) = where[-2:]
+    if seg_a == seg_b:
+        return "same_segment"
+    return "two_pieces_of_one_document" if doc_a == doc_b else "two_documents"
+
+
+def placement_breakdown(eval_dir: str, spec: str = "qa1", systems=("PERK",), doc_tokens: int = 192,
+                        segment_len: int = 128) -> dict:
+    """``{system: {length: {placement: {"right", "n", "chance"}}}}``: exact match by
+    :func:`last_two_moves_placement` over every position folder of ``eval_dir/spec/<system>``, and the
+    expected right answers of a uniformly drawn place of the followed person (:func:`person_place_chance`)."""
+    if spec not in ("qa1", "qa2"):
+        raise ValueError(f"spec {spec!r} is invalid: the placement breakdown reads qa1 or qa2")
+    out = {}
+    for system in systems:
+        per_length: dict = {}
+        for length, pairs in regenerated_cells(eval_dir, spec, system, doc_tokens, **BABI_KW):
+            cells = per_length.setdefault(length, {k: {"right": 0, "n": 0, "chance": 0.0} for k in PLACEMENTS})
+            for row, ex in pairs:
+                c = cells[last_two_moves_placement(ex, segment_len)]
+                c["right"] += row["prediction"] == ex.answer
+                c["n"] += 1
+                c["chance"] += person_place_chance(ex)
+        out[system] = dict(sorted(per_length.items()))
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("eval_dir")
@@ -183,7 +239,21 @@ def main(argv=None) -> None:
     ap.add_argument("--doc-tokens", type=int, default=192)
     ap.add_argument("--systems", default="PERK",
                     help="stories and records: comma list of systems (folders under the task)")
+    ap.add_argument("--by-placement", action="store_true",
+                    help="stories: exact match by where the followed person's last two moves lie among the "
+                         "memory's segments (one move, one segment, two pieces of one document, two documents)")
+    ap.add_argument("--segment-len", type=int, default=128, help="--by-placement: the memory's segment length")
     args = ap.parse_args(argv)
+    if args.by_placement:
+        result = placement_breakdown(args.eval_dir, args.spec, args.systems.split(","), args.doc_tokens,
+                                     args.segment_len)
+        for system, per_length in result.items():
+            for length, cells in per_length.items():
+                print(f"{system:>10} {length:>5} tokens: " + ", ".join(
+                    f"{k.replace('_', ' ')} {100 * c['right'] / c['n']:.0f}% (n={c['n']}, a place of the person "
+                    f"drawn at random {100 * c['chance'] / c['n']:.0f}%)" if c["n"] else
+                    f"{k.replace('_', ' ')} - (n=0)" for k, c in cells.items()))
+        return
     if args.spec == "records_recall":
         for system in args.systems.split(","):
             for length, fields in records_breakdown(args.eval_dir, system, args.doc_tokens).items():

@@ -140,3 +140,39 @@ def test_the_shipped_evaluation_reads_back(capsys):
             assert needles[length] == {"right": right, "other_code": other, "neither": neither, "n": 300}, folder
     answers.main([SHIPPED_EVAL, "--spec", "records_recall"])
     assert "name (n=" in capsys.readouterr().out
+
+
+def test_last_two_moves_placement_reads_the_memorys_segments():
+    """Hand-made stories whose last two moves of the asked person lie where the name says (segments of
+    64 tokens: a document longer than that is cut into pieces that keep its doc id)."""
+    ex = lambda docs: tasks.Example(context=docs, question="Where is John?", answer="garden")  # noqa: E731
+    filler = "The sky was grey over the town that day. "  # 41 bytes: two of them and a move fill a piece
+    cases = {
+        "one_move": ["Mary went to the office.", "John moved to the garden."],
+        "same_segment": ["John went to the office. John moved to the garden.", "Mary went to the hallway."],
+        "two_documents": ["John went to the office. Mary went to the hallway.", "John moved to the garden."],
+        "two_pieces_of_one_document": ["John went to the office. " + filler * 2 + "John moved to the garden."],
+    }
+    for want, docs in cases.items():
+        assert answers.last_two_moves_placement(ex(docs), segment_len=64) == want, want
+    # an earlier move elsewhere does not matter: the last two are what is judged
+    story = ["John went to the kitchen.", "John went to the office. John moved to the garden."]
+    assert answers.last_two_moves_placement(ex(story), segment_len=64) == "same_segment"
+    # a whole-segment document holds both moves at 128 tokens, two pieces at 64
+    one_doc = ["John went to the office. " + filler + "John moved to the garden."]
+    assert answers.last_two_moves_placement(ex(one_doc), segment_len=128) == "same_segment"
+    assert answers.last_two_moves_placement(ex(one_doc), segment_len=64) == "two_pieces_of_one_document"
+
+
+def test_placement_breakdown_counts_right_answers_per_placement(tmp_path):
+    seed = "test/placement"
+    examples = tasks.generate("qa1", 40, seed=seed, context_tokens=256, position="random", doc_tokens=192, **BABI_KW)
+    preds = [ex.answer if i % 2 else "moon" for i, ex in enumerate(examples)]
+    _write(tmp_path / "qa1" / "PERK" / "L256_random", examples, preds, seed)
+    cells = answers.placement_breakdown(str(tmp_path), "qa1")["PERK"][256]
+    kinds = [answers.last_two_moves_placement(ex) for ex in examples]
+    for kind in answers.PLACEMENTS:
+        mine = [i for i, k in enumerate(kinds) if k == kind]
+        assert cells[kind]["n"] == len(mine) and cells[kind]["right"] == sum(i % 2 for i in mine), kind
+    assert sum(c["n"] for c in cells.values()) == 40 and cells["one_move"]["chance"] == cells["one_move"]["n"]
+    assert len({k for k in kinds}) >= 3  # the stories of the demo's evaluation fall in several placements
