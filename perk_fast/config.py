@@ -59,6 +59,10 @@ class PerkConfig:
     inner loss sums over segments, so the ids are the memory's only clue to the documents' order:
     a task answered by the *last* event (BabiLong's "where is X?") needs ``False``
     (``bench/demo_order_bound.py`` measures the bound shuffled ids put on it).
+    ``segment_recency`` r in [0, 1] weights segment j of a context's S segments (in the context's
+    order, whatever the ids) by ``1 - r + r (j + 1) / S`` in the inner loss: later documents are
+    written more strongly, so that of two facts about one thing the memory holds the later one
+    better (0, the default: every segment alike, the reference's loss).
     ``unroll`` chooses how meta-gradients flow through the inner loop: ``full``
     (second order through every step), ``truncated`` (first order before
     ``unroll_start``), ``first_order``. ``meta_grad`` chooses how they are computed:
@@ -100,6 +104,7 @@ class PerkConfig:
     long_documents: str = "split"
     segments_per_step: int = 16
     shuffle_docs: bool = True
+    segment_recency: float = 0.0
     # memory (LoRA)
     lora_rank: int = 16
     lora_alpha: float = 32.0
@@ -177,6 +182,7 @@ class PerkConfig:
             pos_int("segment_len", 4)
         choice("long_documents", LONG_DOCUMENTS)
         pos_int("segments_per_step")
+        real("segment_recency", 0.0, 1.0)
         pos_int("lora_rank")
         real("lora_alpha", 0.0, lo_open=True)
         real("lora_dropout", 0.0, 1.0, hi_open=True)

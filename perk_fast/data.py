@@ -291,7 +291,9 @@ class MicroBatch:
     have rows here, ``rows_per_context`` rows each; ``row_scale`` (rows,) is
     1 / n_positions of each row's context (the per-context mean normaliser).
     ``row_ids[r]`` is (global index of the row's context, index of its segment in that
-    context; -1 for a pad row): what keys the row's dropout mask.
+    context; -1 for a pad row): what keys the row's dropout mask. ``row_position`` (rows,)
+    float64 is (j + 1) / S of a row holding segment j of its context's S segments (0 for a pad
+    row): what ``PerkConfig.segment_recency`` weights by.
     """
 
     input_ids: torch.Tensor  # (rows, L)
@@ -301,6 +303,7 @@ class MicroBatch:
     row_scale: torch.Tensor  # (rows,) float64
     index: int  # position of this micro-batch in the step
     row_ids: list[tuple[int, int]] = field(default_factory=list)
+    row_position: torch.Tensor | None = None  # (rows,) float64
 
     @property
     def n_real_tokens(self) -> int:
@@ -340,7 +343,7 @@ def make_micro_batches(
         parts = {ci: ctx.segments[chunk * k : (chunk + 1) * k] for ci, ctx in enumerate(contexts)}
         active = [ci for ci, part in parts.items() if part]
         per_ctx = max(len(parts[ci]) for ci in active)
-        ids, labels, scale, row_ids = [], [], [], []
+        ids, labels, scale, row_ids, position = [], [], [], [], []
         for ci in active:
             real = len(parts[ci])
             part = parts[ci] + [([pad], [IGNORE])] * (per_ctx - real)
@@ -348,6 +351,8 @@ def make_micro_batches(
             labels += [seg_labels for _, seg_labels in part]
             scale += [1.0 / contexts[ci].n_positions] * per_ctx
             row_ids += [(context_ids[ci], chunk * k + j if j < real else -1) for j in range(per_ctx)]
+            n_seg = len(contexts[ci].segments)
+            position += [(chunk * k + j + 1) / n_seg if j < real else 0.0 for j in range(per_ctx)]
         batches.append(
             MicroBatch(
                 input_ids=pad_rows(ids, pad).to(device),
@@ -357,6 +362,7 @@ def make_micro_batches(
                 row_scale=torch.tensor(scale, dtype=torch.float64, device=device),
                 index=chunk,
                 row_ids=row_ids,
+                row_position=torch.tensor(position, dtype=torch.float64, device=device),
             )
         )
     return batches

@@ -260,7 +260,11 @@ class PerkModel(nn.Module):
             w = self.weighting(hidden)[:, 1:]
         else:
             w = torch.ones(labels.shape, dtype=self.meta_dtype, device=labels.device)
-        w = w * mb.row_scale.to(w.dtype)[:, None]
+        scale = mb.row_scale
+        if self.config.segment_recency:  # later segments written more strongly (PerkConfig.segment_recency)
+            r = self.config.segment_recency
+            scale = scale * (1.0 - r + r * mb.row_position)
+        w = w * scale.to(w.dtype)[:, None]
         return lm_head_loss_sum(
             h.reshape(-1, d), self.lm_head_weight, labels.reshape(-1), w.reshape(-1),
             mode=self.config.lm_head_loss, chunk_size=self.config.lm_head_chunk_size,

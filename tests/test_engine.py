@@ -114,6 +114,7 @@ CASES = [
     dict(unroll="full", inner_optimizer="sgd", inner_lr=0.2),
     dict(unroll="truncated", unroll_start=2, learn_inner_lr=False),
     dict(unroll="full", lora_dropout=0.25),
+    dict(unroll="full", segment_recency=0.6),
 ]
 
 
