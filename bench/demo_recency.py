@@ -1,0 +1,165 @@
+"""How a demo model's answers move when its memory is written with later segments weighted more.
+
+    python bench/demo_recency.py --assets perk_fast/assets/demo --weights r=0,r=0.5,r=0.75,r=1,suffix
+    python bench/demo_recency.py --assets bench/results/demo_curriculum20/assets --weights r=0.5,r=0
+
+Each ``--weights`` entry writes every memory with one inner-loss weighting of a context's S segments
+(segment j, inner step t of T), at test time only, with the model's meta-parameters as trained:
+
+* ``r=<x>``: ``PerkConfig.segment_recency = x``, segment j weighted ``1 - x + x (j + 1) / S`` at
+  every step (``r=0``: every segment alike, the plain loss);
+* ``suffix``: step t writes only the segments ``j >= floor(t S / T)`` (the later documents get more
+  steps; a schedule tried here, not a PerkConfig option).
+
+Cells (seed ``probe-order``, used by nothing else; documents of 192 bytes, n per cell): qa1 at 256
+tokens (story anywhere) and 1,024 (mid), split into stories whose asked person moved once and those
+with two or three moves; needles among 3 others at 256 (pre) and 1,024 (pre, post); records recall at
+256. Prints a table; writes JSON (``--out``).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import sys
+import time
+
+import torch
+
+from perk_fast import demo_train, tasks
+from perk_fast.evaluate import evaluate
+from perk_fast.model import PerkModel
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_spec = importlib.util.spec_from_file_location("demo_answers", os.path.join(_HERE, "demo_answers.py"))
+answers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(answers)
+
+SEED = "probe-order"
+CELLS = (  # (label, task, length, position, task kwargs)
+    ("qa1 256", "qa1", 256, "random", demo_train.BABI_KW),
+    ("qa1 1024 mid", "qa1", 1024, "mid", demo_train.BABI_KW),
+    ("needle-4 256 pre", "needle", 256, "pre", {"n_distractors": 3}),
+    ("needle-4 1024 pre", "needle", 1024, "pre", {"n_distractors": 3}),
+    ("needle-4 1024 post", "needle", 1024, "post", {"n_distractors": 3}),
+    ("records 256", "records_recall", 256, "random", {}),
+)
+
+
+def parse_weights(text: str) -> list[str]:
+    """The ``--weights`` entries; ValueError names a bad one."""
+    out = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        if item != "suffix":
+            if not item.startswith("r="):
+                raise ValueError(f"--weights entry {item!r} is invalid: allowed r=<0..1> or suffix")
+            r = float(item[2:])
+            if not 0.0 <= r <= 1.0:
+                raise ValueError(f"--weights entry {item!r} is invalid: r must lie in [0, 1]")
+        out.append(item)
+    if not out:
+        raise ValueError("--weights is empty")
+    return out
+
+
+def suffix_problem(pm: PerkModel):
+    """A replacement of ``pm.inner_problem`` whose step t writes only segments ``j >= floor(t S / T)``."""
+    plain = PerkModel.inner_problem.__get__(pm)
+
+    def inner_problem(segments, *, seed, context_ids=None):
+        prob = plain(segments, seed=seed, context_ids=context_ids)
+        steps = pm.config.inner_steps
+        ids = list(range(len(segments))) if context_ids is None else list(context_ids)
+        n_seg = {g: len(s.segments) for g, s in zip(ids, segments)}
+        loss = prob.loss
+
+        def suffix_loss(adapters, mb, step, second_order):
+            keep = [1.0 if j >= 0 and j >= (step * n_seg[g]) // steps else 0.0 for g, j in mb.row_ids]
+            mb = dataclasses.replace(mb, row_scale=mb.row_scale * torch.tensor(keep, dtype=mb.row_scale.dtype))
+            return loss(adapters, mb, step, second_order)
+
+        return dataclasses.replace(prob, loss=suffix_loss)
+
+    return inner_problem
+
+
+def run_cells(pm: PerkModel, weights: str, n: int) -> dict:
+    """Exact match per cell with the memories written the ``weights`` way (the model is restored after)."""
+    config = pm.config
+    if weights == "suffix":
+        pm.inner_problem = suffix_problem(pm)
+        pm.config = config.replace(segment_recency=0.0)
+    else:
+        pm.config = config.replace(segment_recency=float(weights[2:]))
+    out = {}
+    try:
+        for label, task, length, position, kw in CELLS:
+            examples = tasks.generate(task, n, seed=f"{SEED}/{task}", context_tokens=length, position=position,
+                                      doc_tokens=192, **kw)
+            scored = evaluate(pm, examples, max_new_tokens=32, progress=False)
+            cell = {"exact_match": scored["exact_match"], "n": n}
+            if task == "qa1":
+                for kind in ("one_move", "several_moves"):
+                    mine = [(e, p) for e, p in zip(examples, scored["predictions"])
+                            if (answers.last_two_moves_placement(e) == "one_move") == (kind == "one_move")]
+                    cell[kind] = {"exact_match": sum(p == e.answer for e, p in mine) / max(1, len(mine)),
+                                  "n": len(mine)}
+            out[label] = cell
+    finally:
+        pm.config = config
+        pm.__dict__.pop("inner_problem", None)
+    return out
+
+
+def table(results: dict) -> str:
+    """Rows: weightings; columns: cells (qa1 with its single-move / several-move split)."""
+    labels = [c[0] for c in CELLS]
+    head = "| weights | " + " | ".join(labels) + " |"
+    lines = [head, "|" + "---|" * (len(labels) + 1)]
+    for weights, cells in results.items():
+        row = []
+        for label in labels:
+            c = cells[label]
+            text = f"{100 * c['exact_match']:.0f}"
+            if "one_move" in c:
+                text += f" ({100 * c['one_move']['exact_match']:.0f} / {100 * c['several_moves']['exact_match']:.0f})"
+            row.append(text)
+        lines.append(f"| {weights} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--assets", default=demo_train.ASSETS_DIR)
+    ap.add_argument("--weights", default="r=0,r=0.5,r=0.75,r=1,suffix")
+    ap.add_argument("-n", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=None, help="JSON file (default: print only)")
+    args = ap.parse_args(argv)
+    try:
+        weights = parse_weights(args.weights)
+    except ValueError as err:
+        ap.error(str(err))
+    torch.set_num_threads(args.threads)
+    pm = demo_train.load_run(args.assets)["perk"]
+    results, start = {}, time.perf_counter()
+    for w in weights:
+        t = time.perf_counter()
+        results[w] = run_cells(pm, w, args.n)
+        print(f"{w}: {time.perf_counter() - t:.0f}s", file=sys.stderr, flush=True)
+    text = table(results)
+    print(f"{args.assets}, seed {SEED}, n = {args.n} per cell; qa1 (single move / several moves)\n{text}")
+    report = {"assets": args.assets, "seed": SEED, "n": args.n, "trained_segment_recency": pm.config.segment_recency,
+              "results": results, "table": text, "seconds": time.perf_counter() - start,
+              "machine": demo_train.machine_info()}
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w", encoding="utf-8") as fh:
+            json.dump(report, fh, indent=2)
+    return report
+
+
+if __name__ == "__main__":
+    main()
