@@ -703,7 +703,9 @@ def load_run(assets_dir: str) -> dict:
     tokenizer = ByteTokenizer.from_pretrained(os.path.join(assets_dir, "tokenizer"))
     perk = PerkModel.load(os.path.join(assets_dir, "perk"), load_base(os.path.join(assets_dir, "perk", "base")),
                           tokenizer)
-    ttt = PerkModel(load_base(os.path.join(assets_dir, "base")), tokenizer, recipe.perk_config())
+    # the TTT baseline writes its memories as the PERK model does (a chain's test-time fields included)
+    ttt = PerkModel(load_base(os.path.join(assets_dir, "base")), tokenizer,
+                    recipe.perk_config().replace(**report.get("test_time_perk", {})))
     icr = load_base(os.path.join(assets_dir, "icr"))
     icr_long = None
     if recipe.icr_long_steps:
@@ -1184,6 +1186,11 @@ CHAINS = {
     ),
 }
 SHIPPED_CHAIN = "mix"
+# PerkConfig fields a chain's result is used with at test time: its memories are written that way, by the
+# last stage's meta-parameters as trained. The shipped chain writes later segments more strongly
+# (segment_recency=0.5, chosen on bench/demo_recency.py's seed probe-order: qa1 61 -> 72 % at 256 tokens and
+# 60 -> 63 % at 1,024, n = 300; README, "Writing later documents more strongly")
+TEST_TIME_PERK = {"mix": {"segment_recency": 0.5}}
 FINAL_EVAL_N = 100  # examples per cell of the shipped model's final held-out tables
 
 
@@ -1259,6 +1266,7 @@ def train_chain(name: str, out_dir: str, *, work_dir: str | None = None, eval_di
                            checkpoint_dir=ckpt, resume=stage_resume)
         previous = dest
         done_stages.append(stage_summary(stage.name, report))
+    apply_test_time(name, out_dir)
     if final_n:
         report = final_evaluation(out_dir, n=final_n, eval_dir=eval_dir, chain=(name, done_stages), log=log)
     return report
@@ -1294,10 +1302,37 @@ def adopt_chain(name: str, runs: list[str], out_dir: str = ASSETS_DIR, *, eval_d
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         shutil.copytree(previous, out_dir, ignore=shutil.ignore_patterns("eval"))
-    log(f"chain {name}: {out_dir} holds the models of {previous}")
+    elif TEST_TIME_PERK.get(name):
+        raise ValueError(f"chain {name!r} sets test-time fields {TEST_TIME_PERK[name]} on its result: adopt its last "
+                         f"run {previous} into another out_dir, not in place")
+    fields = apply_test_time(name, out_dir)
+    log(f"chain {name}: {out_dir} holds the models of {previous}"
+        + (f", used with {fields} at test time" if fields else ""))
     if not final_n:
         return read_earlier_run(out_dir)
     return final_evaluation(out_dir, n=final_n, eval_dir=eval_dir, chain=(name, summaries), log=log)
+
+
+def apply_test_time(name: str, assets_dir: str) -> dict:
+    """Give the PerkModel in ``assets_dir`` chain ``name``'s test-time PerkConfig fields
+    (:data:`TEST_TIME_PERK`; none: nothing changes) and record them in its report as ``test_time_perk``
+    (:func:`load_run` gives the TTT baseline the same). Returns the fields."""
+    fields = dict(TEST_TIME_PERK.get(name, {}))
+    if not fields:
+        return fields
+    path = os.path.join(assets_dir, "perk", "perk_model.json")
+    with open(path, encoding="utf-8") as fh:
+        header = json.load(fh)
+    header["config"] = PerkConfig.from_dict({**header["config"], **fields}).to_dict()
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(header, fh, indent=2)
+    report_path = os.path.join(assets_dir, "train_report.json")
+    with open(report_path, encoding="utf-8") as fh:
+        report = json.load(fh)
+    report["test_time_perk"] = fields
+    with open(report_path, "w", encoding="utf-8") as fh:
+        json.dump(report, fh, indent=2, default=str)
+    return fields
 
 
 def stage_summary(name: str, report: dict) -> dict:

@@ -586,3 +586,32 @@ def test_the_log_names_each_step_the_spike_guard_skipped():
     (line,) = [m for m in lines if "skipped:" in m]
     assert line == (f"  meta step 2 skipped: gradient norm {history[1]['grad_norm']:.4g} over the guard's limit "
                     f"{history[1]['spike_limit']:.4g}")
+
+
+def test_a_chains_test_time_fields_reach_its_result_and_only_the_result(tmp_path, monkeypatch):
+    """TEST_TIME_PERK of a chain: train_chain and adopt_chain give the result's PerkModel (and, through the
+    report, the TTT baseline) those PerkConfig fields; the stage runs keep their own; adopting in place
+    is refused."""
+    monkeypatch.setitem(CHAINS, "toy", _toy_chain())
+    monkeypatch.setitem(demo_train.TEST_TIME_PERK, "toy", {"segment_recency": 0.25})
+    out, work = str(tmp_path / "out"), str(tmp_path / "work")
+    report = train_chain("toy", out, work_dir=work, final_n=0, log=lambda *a: None)
+    first = os.path.join(work, "first", "assets")
+    run = demo_train.load_run(out)
+    assert run["perk"].config.segment_recency == 0.25 and run["ttt"].config.segment_recency == 0.25
+    assert run["report"]["test_time_perk"] == {"segment_recency": 0.25} and "test_time_perk" not in report
+    assert run["perk"].config.replace(segment_recency=0.0) == run["recipe"].perk_config()
+    assert demo_train.load_run(first)["perk"].config.segment_recency == 0.0  # a stage run is left alone
+    adopted = str(tmp_path / "adopted")
+    demo_train.adopt_chain("toy", [first, out], adopted, final_n=0, log=lambda *a: None)
+    assert demo_train.load_run(adopted)["perk"].config.segment_recency == 0.25
+    with pytest.raises(ValueError, match="adopt its last run .* into another out_dir, not in place"):
+        demo_train.adopt_chain("toy", [first, out], out, final_n=0)
+
+
+def test_the_shipped_model_writes_with_its_chains_test_time_fields():
+    d = demo.load_demo()
+    fields = demo_train.TEST_TIME_PERK[SHIPPED_CHAIN]
+    assert _report()["test_time_perk"] == fields
+    want = CHAINS[SHIPPED_CHAIN][-1].recipe.perk_config().replace(**fields)
+    assert d.perk.config == want and d.ttt.config == want

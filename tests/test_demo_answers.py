@@ -123,7 +123,7 @@ def test_the_shipped_evaluation_reads_back(capsys):
     (shipped before the ordered-id runs), curriculum17 and curriculum18 (evaluated, not adopted); then the
     shipped model, curriculum17 and curriculum18 on the second held-out seed."""
     for folder, qa1, at256, at1024 in (
-            (SHIPPED_EVAL, 71, (298, 0, 2), (295, 0, 5)),
+            (os.path.join(_RESULTS, "demo_eval_curriculum15"), 71, (298, 0, 2), (295, 0, 5)),
             (os.path.join(_RESULTS, "demo_eval_curriculum14"), 69, (299, 0, 1), (299, 0, 1)),
             (os.path.join(_RESULTS, "demo_eval_curriculum13"), 65, (295, 0, 5), (291, 0, 9)),
             (os.path.join(_RESULTS, "demo_eval_curriculum9"), 45, (286, 5, 9), (268, 8, 24)),
