@@ -33,7 +33,7 @@ def test_assets_present_and_small():
 
 
 # the demo's default seed evaluated once with n = 100 (python -m perk_fast.demo -n 100 --out ...)
-FRESH_SEED_DIR = os.path.join(os.path.dirname(SHIPPED_EVAL_DIR), "demo_fresh_seed", "curriculum15")
+FRESH_SEED_DIR = os.path.join(os.path.dirname(SHIPPED_EVAL_DIR), "demo_fresh_seed", "curriculum15_recency")
 
 
 def _systems(recipe: DemoRecipe, steps_before: dict | None = None) -> set:

@@ -123,6 +123,7 @@ def test_the_shipped_evaluation_reads_back(capsys):
     (shipped before the ordered-id runs), curriculum17 and curriculum18 (evaluated, not adopted); then the
     shipped model, curriculum17 and curriculum18 on the second held-out seed."""
     for folder, qa1, at256, at1024 in (
+            (SHIPPED_EVAL, 76, (297, 0, 3), (292, 0, 8)),  # curriculum15 written with segment_recency 0.5
             (os.path.join(_RESULTS, "demo_eval_curriculum15"), 71, (298, 0, 2), (295, 0, 5)),
             (os.path.join(_RESULTS, "demo_eval_curriculum14"), 69, (299, 0, 1), (299, 0, 1)),
             (os.path.join(_RESULTS, "demo_eval_curriculum13"), 65, (295, 0, 5), (291, 0, 9)),
@@ -130,6 +131,7 @@ def test_the_shipped_evaluation_reads_back(capsys):
             (os.path.join(_RESULTS, "demo_eval_curriculum17"), 65, (298, 0, 2), (297, 0, 3)),
             (os.path.join(_RESULTS, "demo_eval_curriculum18"), 69, (294, 0, 6), (293, 3, 4)),
             # the same models on the second held-out seed, demo-fresh
+            (os.path.join(_RESULTS, "demo_fresh_seed", "curriculum15_recency"), 72, (293, 3, 4), (287, 3, 10)),
             (os.path.join(_RESULTS, "demo_fresh_seed", "curriculum15"), 59, (296, 3, 1), (290, 4, 6)),
             (os.path.join(_RESULTS, "demo_fresh_seed", "curriculum17"), 59, (300, 0, 0), (295, 0, 5)),
             (os.path.join(_RESULTS, "demo_fresh_seed", "curriculum18"), 61, (298, 2, 0), (299, 0, 1))):
