@@ -121,7 +121,7 @@ from .model import PerkModel
 from .schedule import warmup_cosine
 from .tasks import generate
 from .tokenizer import ByteTokenizer
-from .io import load_tensors
+from .io import load_tensors, read_header, write_header
 from .train import meta_train
 
 _print = functools.partial(print, flush=True)
@@ -1320,12 +1320,10 @@ def apply_test_time(name: str, assets_dir: str) -> dict:
     fields = dict(TEST_TIME_PERK.get(name, {}))
     if not fields:
         return fields
-    path = os.path.join(assets_dir, "perk", "perk_model.json")
-    with open(path, encoding="utf-8") as fh:
-        header = json.load(fh)
+    perk_dir = os.path.join(assets_dir, "perk")
+    header = read_header(perk_dir, "perk_model.json", "perk_fast.PerkModel")
     header["config"] = PerkConfig.from_dict({**header["config"], **fields}).to_dict()
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(header, fh, indent=2)
+    write_header(perk_dir, "perk_model.json", header)
     report_path = os.path.join(assets_dir, "train_report.json")
     with open(report_path, encoding="utf-8") as fh:
         report = json.load(fh)

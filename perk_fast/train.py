@@ -427,14 +427,13 @@ def meta_train(
             if not math.isfinite(record["loss"]) or (guard is None and not math.isfinite(record["grad_norm"])):
                 raise FloatingPointError(f"meta_train step {step + 1}: non-finite loss or gradient {record}")
             if guard is not None:
-                limit = guard.limit()
+                record["spike_limit"] = guard.limit()
                 try:
                     record["skipped"] = guard.judge(step + 1, record["grad_norm"])
-                except RuntimeError:
+                except RuntimeError:  # the guard ends the run: the step is kept in the checkpoint written on the way out
                     record["skipped"] = True
-                    history.append(record)  # kept in the checkpoint written on the way out
+                    history.append(record)
                     raise
-                record["spike_limit"] = limit
             if not record.get("skipped"):
                 optimizer.step()
             history.append(record)

@@ -167,6 +167,7 @@ def test_skips_in_a_row_end_the_run_and_the_checkpoint_keeps_them(tmp_path):
     with open(tmp_path / "last" / "trainer_state.json") as fh:
         state = json.load(fh)
     assert state["step"] == 4 and [h["skipped"] for h in state["history"]] == [False, False, True, True]
+    assert state["history"][-1]["spike_limit"] == state["history"][-2]["spike_limit"] is not None
 
 
 def test_resume_across_a_skip_is_exact(tmp_path):
