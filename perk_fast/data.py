@@ -293,7 +293,9 @@ class MicroBatch:
     ``row_ids[r]`` is (global index of the row's context, index of its segment in that
     context; -1 for a pad row): what keys the row's dropout mask. ``row_position`` (rows,)
     float64 is (j + 1) / S of a row holding segment j of its context's S segments (0 for a pad
-    row): what ``PerkConfig.segment_recency`` weights by.
+    row): what ``PerkConfig.segment_recency`` weights by. ``token_scale`` (rows, L) float64, None by
+    default (every position alike), multiplies the inner-loss weight of each label position; nothing
+    in the library sets it: it is a hook for per-token schedules (``bench/demo_recency.py``).
     """
 
     input_ids: torch.Tensor  # (rows, L)
@@ -304,6 +306,7 @@ class MicroBatch:
     index: int  # position of this micro-batch in the step
     row_ids: list[tuple[int, int]] = field(default_factory=list)
     row_position: torch.Tensor | None = None  # (rows,) float64
+    token_scale: torch.Tensor | None = None  # (rows, L) float64
 
     @property
     def n_real_tokens(self) -> int:

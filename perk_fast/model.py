@@ -265,6 +265,11 @@ class PerkModel(nn.Module):
             r = self.config.segment_recency
             scale = scale * (1.0 - r + r * mb.row_position)
         w = w * scale.to(w.dtype)[:, None]
+        if mb.token_scale is not None:  # a per-token schedule (MicroBatch.token_scale)
+            if mb.token_scale.shape != mb.labels.shape:
+                raise ValueError(f"MicroBatch.token_scale has shape {tuple(mb.token_scale.shape)}, the labels "
+                                 f"{tuple(mb.labels.shape)}")
+            w = w * mb.token_scale[:, 1:].to(w.dtype)
         return lm_head_loss_sum(
             h.reshape(-1, d), self.lm_head_weight, labels.reshape(-1), w.reshape(-1),
             mode=self.config.lm_head_loss, chunk_size=self.config.lm_head_chunk_size,
