@@ -20,7 +20,8 @@ Each ``--weights`` entry writes every memory with one inner-loss weighting of a 
 Cells (seed ``probe-order``, used by nothing else; documents of 192 bytes, n per cell): qa1 at 256
 tokens (story anywhere) and 1,024 (mid), split into stories whose asked person moved once and those
 with two or three moves; needles among 3 others at 256 (pre) and 1,024 (pre, post); records recall at
-256. ``--lr-scale s`` writes every entry with s times the learned inner learning rates. qa1 cells
+256. ``--lr-scale s`` writes every entry with s times the learned inner learning rates,
+``--segment-len n`` in segments of n tokens (the qa1 split below keeps the model's own). qa1 cells
 are also split by where the asked person's last two moves lie (``demo_answers.py --by-placement``:
 one move, one segment, two pieces of one document, two documents). Prints a table; writes JSON
 (``--out``).
@@ -196,6 +197,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--weights", default="r=0,r=0.5,r=0.75,r=1,suffix")
     ap.add_argument("--lr-scale", type=float, default=1.0,
                     help="multiply the model's learned inner learning rates by this for every entry (default 1)")
+    ap.add_argument("--segment-len", type=int, default=None,
+                    help="write every entry's memories in segments of this many tokens (default: the model's own)")
     ap.add_argument("-n", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="JSON file (default: print only)")
@@ -208,6 +211,11 @@ def main(argv=None) -> dict:
     if not args.lr_scale > 0:
         ap.error(f"--lr-scale {args.lr_scale} is invalid: it must be > 0")
     pm = demo_train.load_run(args.assets)["perk"]
+    if args.segment_len is not None:
+        try:
+            pm.config = pm.config.replace(segment_len=args.segment_len)
+        except ValueError as err:
+            ap.error(f"--segment-len {args.segment_len} is invalid: {err}")
     if args.lr_scale != 1.0:
         with torch.no_grad():
             pm.inner_lrs.mul_(args.lr_scale)
@@ -218,10 +226,11 @@ def main(argv=None) -> dict:
         print(f"{w}: {time.perf_counter() - t:.0f}s", file=sys.stderr, flush=True)
     text = table(results)
     by_place = placement_table(results)
-    print(f"{args.assets}, seed {SEED}, n = {args.n} per cell, inner rates x {args.lr_scale:g}; qa1 (single move / several moves)\n{text}\n\n"
+    print(f"{args.assets}, seed {SEED}, n = {args.n} per cell, inner rates x {args.lr_scale:g}, "
+          f"segments of {pm.segment_len}; qa1 (single move / several moves)\n{text}\n\n"
           f"qa1 by where the asked person's last two moves lie\n{by_place}")
     report = {"assets": args.assets, "seed": SEED, "n": args.n, "trained_segment_recency": pm.config.segment_recency,
-              "lr_scale": args.lr_scale,
+              "lr_scale": args.lr_scale, "segment_len": pm.segment_len,
               "results": results, "table": text, "placement_table": by_place, "seconds": time.perf_counter() - start,
               "machine": demo_train.machine_info()}
     if args.out:

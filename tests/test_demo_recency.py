@@ -115,3 +115,9 @@ def test_bad_lr_scale_is_named(bad, capsys):
     with pytest.raises(SystemExit):
         recency.main(["--lr-scale", bad, "--weights", "r=0"])
     assert f"--lr-scale {float(bad)} is invalid" in capsys.readouterr().err
+
+
+def test_bad_segment_len_is_named(capsys):
+    with pytest.raises(SystemExit):
+        recency.main(["--segment-len", "2", "--weights", "r=0"])
+    assert "--segment-len 2 is invalid" in capsys.readouterr().err
