@@ -38,7 +38,7 @@ import time
 
 import torch
 
-from perk_fast import evaluate
+from perk_fast import demo_train, evaluate
 from perk_fast.demo import PARAPHRASES, load_demo, needle_name
 from perk_fast.demo_train import NEEDLE_ASSETS_DIR, SEEDS
 from perk_fast.metrics import exact_match
@@ -158,8 +158,7 @@ def main(argv=None) -> dict:
     result = {"seed": args.seed, "n": args.n, "lengths": lengths, "positions": positions, "exact_match": grid,
               "position_spread_pts": spread, "controls": controls, "summary": summary, "seconds": seconds,
               "assets": os.path.relpath(args.assets), "threads": args.threads,
-              "machine": {"python": sys.version.split()[0], "torch": torch.__version__,
-                          "platform": platform.platform()},
+              "machine": {**demo_train.machine_info(), "platform": platform.platform()},
               "command": "python bench/demo_heldout.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as fh:

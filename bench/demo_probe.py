@@ -36,14 +36,13 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import re
 import sys
 import time
 
 import torch
 
-from perk_fast import encode, evaluate
+from perk_fast import demo_train, encode
 from perk_fast.data import pad_id
 from perk_fast.demo_train import SEEDS, load_base, load_run, meta_state_for_steps, task_spec
 from perk_fast.generation import generate_continuations
@@ -326,7 +325,7 @@ def main(argv=None) -> dict:
         "assets": os.path.relpath(args.assets, os.path.dirname(_HERE)) if os.path.isabs(args.assets) else args.assets,
         "seed": args.seed, "n": args.n, "length": length, "doc_tokens": doc, "tasks": specs,
         "results": results, "table": table, "seconds": round(time.perf_counter() - start, 1),
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": args.threads},
+        "machine": {**demo_train.machine_info(), "threads": args.threads},
         "command": "python bench/demo_probe.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
