@@ -4,9 +4,8 @@ last inner step (from the run's history), the steps the gradient-spike guard ski
 
     python bench/demo_history.py bench/results/demo_direct bench/results/demo_direct_guard --every 250
 
-Each run is a folder holding ``train.log`` and either ``assets/train_report.json`` (a finished run;
-its ``perk_history`` is sampled) or ``ckpt/last/trainer_state.json`` (a run stopped before its end:
-every step). A row at step s shows each run's history entry at the last recorded step <= s, the
+Each run is a folder holding ``train.log`` and ``ckpt/last/trainer_state.json`` (every step, read
+first when present) or ``assets/train_report.json`` (a finished run; its ``perk_history`` is sampled). A row at step s shows each run's history entry at the last recorded step <= s, the
 largest gradient norm the history holds in (s - every, s], and the skips logged up to s. Prints a
 table; writes JSON (``--out``).
 """
@@ -35,7 +34,7 @@ def read_run(folder: str) -> dict:
             elif m := _LOG_LINE.match(line):
                 log[int(m.group(1))] = (float(m.group(3)), None if m.group(4) is None else float(m.group(4)))
                 total = int(m.group(2))
-    for rel, key in (("assets/train_report.json", "perk_history"), ("ckpt/last/trainer_state.json", "history")):
+    for rel, key in (("ckpt/last/trainer_state.json", "history"), ("assets/train_report.json", "perk_history")):
         path = os.path.join(folder, rel)
         if os.path.exists(path):
             with open(path, encoding="utf-8") as fh:
