@@ -78,25 +78,40 @@ def parse_weights(text: str) -> list[str]:
     return out
 
 
-def suffix_problem(pm: PerkModel):
-    """A replacement of ``pm.inner_problem`` whose step t writes only segments ``j >= floor(t S / T)``."""
+def _segment_counts(mb) -> torch.Tensor:
+    """(rows,) float64: S, the segment count of each row's context, from ``MicroBatch.row_position``
+    = (j + 1) / S (1 for a pad row)."""
+    j = torch.tensor([max(seg, 0) for _, seg in mb.row_ids], dtype=torch.float64)
+    pos = mb.row_position.to(torch.float64)
+    return torch.where(pos > 0, torch.round((j + 1) / pos.clamp_min(1e-12)), torch.ones_like(pos))
+
+
+def _edited_problem(pm: PerkModel, edit):
+    """A replacement of ``pm.inner_problem`` whose loss sees ``edit(mb, step)`` instead of each micro-batch."""
     plain = PerkModel.inner_problem.__get__(pm)
 
     def inner_problem(segments, *, seed, context_ids=None):
         prob = plain(segments, seed=seed, context_ids=context_ids)
-        steps = pm.config.inner_steps
-        ids = list(range(len(segments))) if context_ids is None else list(context_ids)
-        n_seg = {g: len(s.segments) for g, s in zip(ids, segments)}
         loss = prob.loss
 
-        def suffix_loss(adapters, mb, step, second_order):
-            keep = [1.0 if j >= 0 and j >= (step * n_seg[g]) // steps else 0.0 for g, j in mb.row_ids]
-            mb = dataclasses.replace(mb, row_scale=mb.row_scale * torch.tensor(keep, dtype=mb.row_scale.dtype))
-            return loss(adapters, mb, step, second_order)
+        def edited_loss(adapters, mb, step, second_order):
+            return loss(adapters, edit(mb, step), step, second_order)
 
-        return dataclasses.replace(prob, loss=suffix_loss)
+        return dataclasses.replace(prob, loss=edited_loss)
 
     return inner_problem
+
+
+def suffix_problem(pm: PerkModel):
+    """A replacement of ``pm.inner_problem`` whose step t writes only segments ``j >= floor(t S / T)``."""
+    steps = pm.config.inner_steps
+
+    def edit(mb, step):
+        n_seg = _segment_counts(mb).tolist()
+        keep = [1.0 if j >= 0 and j >= (step * int(s)) // steps else 0.0 for (_, j), s in zip(mb.row_ids, n_seg)]
+        return dataclasses.replace(mb, row_scale=mb.row_scale * torch.tensor(keep, dtype=mb.row_scale.dtype))
+
+    return _edited_problem(pm, edit)
 
 
 def token_positions(mb) -> torch.Tensor:
@@ -105,27 +120,17 @@ def token_positions(mb) -> torch.Tensor:
     real = (mb.labels != IGNORE).to(torch.float64)
     within = real.cumsum(1) / real.sum(1, keepdim=True).clamp_min(1.0)  # k / n on label positions
     j = torch.tensor([max(seg, 0) for _, seg in mb.row_ids], dtype=torch.float64)
-    pos = mb.row_position.to(torch.float64)
-    n_seg = torch.where(pos > 0, (j + 1) / pos.clamp_min(1e-12), torch.ones_like(pos))
-    return (j[:, None] + within) / n_seg[:, None] * real
+    return (j[:, None] + within) / _segment_counts(mb)[:, None] * real
 
 
 def token_problem(pm: PerkModel, x: float):
     """A replacement of ``pm.inner_problem`` whose loss weights each label token by ``1 - x + x p``,
     p its :func:`token_positions` place in the context."""
-    plain = PerkModel.inner_problem.__get__(pm)
+    def edit(mb, step):
+        scale = (1.0 - x + x * token_positions(mb)).to(mb.row_scale.device)
+        return dataclasses.replace(mb, token_scale=scale)
 
-    def inner_problem(segments, *, seed, context_ids=None):
-        prob = plain(segments, seed=seed, context_ids=context_ids)
-        loss = prob.loss
-
-        def token_loss(adapters, mb, step, second_order):
-            scale = (1.0 - x + x * token_positions(mb)).to(mb.row_scale.device)
-            return loss(adapters, dataclasses.replace(mb, token_scale=scale), step, second_order)
-
-        return dataclasses.replace(prob, loss=token_loss)
-
-    return inner_problem
+    return _edited_problem(pm, edit)
 
 
 def run_cells(pm: PerkModel, weights: str, n: int) -> dict:
